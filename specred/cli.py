@@ -1,0 +1,119 @@
+"""The ``specred`` command: one sub-command per user task.
+
+Errors a user can cause (``SpecredError``) are printed on one line without a traceback
+and give exit status 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import SpecredError
+
+log = logging.getLogger("specred")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger("specred")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("astropy", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_simulate(args) -> int:
+    from .progress import progress
+    from .simulate import simulate_night, simulate_spectra
+
+    if args.spectra:
+        res = simulate_spectra(args.out, args.spectra, seed=args.seed,
+                               instrument=args.instrument if args.instrument != "both" else "efosc2",
+                               progress=progress)
+        print(f"wrote {len(res.files)} spectra to {Path(args.out) / 'spectra'} and truth to "
+              f"{Path(args.out) / 'truth'} in {res.seconds:.1f} s")
+        return 0
+    res = simulate_night(args.out, night=args.night, instrument=args.instrument, seed=args.seed,
+                         progress=progress)
+    print(f"wrote {len(res.raw_files)} raw frames to {Path(args.out) / 'raw'} and truth to "
+          f"{Path(args.out) / 'truth'} in {res.seconds:.1f} s")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .discover import discover, inspect_report
+
+    result = discover(args.raw)
+    print(inspect_report(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .discover import discover, inspect_report
+    from .progress import progress
+    from .simulate import simulate_night
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    print(f"specred {__version__} demo: simulating the programme night 2018-12-05 "
+          f"(EFOSC2) and the nearest SofI night into {out}/")
+    res = simulate_night(out, night="2018-12-05", instrument="both", seed=args.seed, progress=progress)
+    print(f"  {len(res.raw_files)} raw frames in {res.seconds:.1f} s\n")
+    print(inspect_report(discover(out / "raw")))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specred", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"specred {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="simulate a raw NTT night (or 1D spectra) with known truth")
+    s.add_argument("out", help="output folder (raw/ and truth/ are written inside)")
+    s.add_argument("--night", default="2018-12-05", help="UT date of the programme night (default 2018-12-05)")
+    s.add_argument("--instrument", default="both", choices=["efosc2", "sofi", "both"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--spectra", type=int, default=0, metavar="N",
+                   help="instead of raw frames, write N flux-calibrated 1D spectra with truth")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("inspect", help="list and check the frames of a raw night")
+    s.add_argument("raw", help="folder with raw FITS files (searched recursively)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("demo", help="simulate a programme night and show what specred sees")
+    s.add_argument("--out", default="specred_demo", help="output folder (default ./specred_demo)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except SpecredError as exc:
+        if args.debug:
+            raise
+        print(f"specred: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specred: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Safe writing of products: atomic (temporary file in the same folder + rename), so an
+interrupted run never leaves a half-written product behind."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import SpecredError
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    On any error the temporary file is removed and an OSError becomes a SpecredError
+    naming the product (disk full, permission denied, ...).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise SpecredError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SpecredError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_fits(hdul, path, **kw) -> Path:
+    with atomic_path(path) as tmp:
+        hdul.writeto(tmp, overwrite=True, **kw)
+    return Path(path)
+
+
+def atomic_write_table(table, path, format: str | None = None) -> Path:
+    path = Path(path)
+    fmt = format or ("ascii.ecsv" if path.suffix == ".ecsv" else None)
+    with atomic_path(path) as tmp:
+        table.write(tmp, format=fmt, overwrite=True)
+    return path
+
+
+def atomic_write_text(text: str, path) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
+
+
+def sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
