@@ -23,6 +23,10 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger("specred")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # astropy installs its own logger class on import; import it first so that
+    # the level we set here is not replaced later.
+    import astropy  # noqa: F401
+
     for noisy in ("astropy", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
