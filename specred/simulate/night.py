@@ -263,8 +263,12 @@ def _abba(inst, kind, t0, source, obj, ra, dec, am0, am1, rng, seeing0, *, obs_i
     if dit is None:   # bright star: DIT chosen for a peak of ~ 6000 ADU (min DIT 1.2 s)
         dit, ndit = _star_dit(source, am0, seeing0), 5
     t = t0
+    # flexure drifts slowly within a sequence (a few 0.01 px between
+    # consecutive frames), so that pair subtraction leaves small OH residuals
+    flex = float(rng.normal(0, 0.3))
     for i in range(n):
         nod = pattern[i % 4]
+        flex += float(rng.normal(0, 0.04))
         off = (0.0 if nod == "A" else -throw) + rng.uniform(-jit / 2, jit / 2)
         frac = i / max(n - 1, 1)
         a_s = am0 + (am1 - am0) * frac
@@ -273,7 +277,7 @@ def _abba(inst, kind, t0, source, obj, ra, dec, am0, am1, rng, seeing0, *, obs_i
         frames.append(FrameSpec(inst, kind, t, float(dit), obj, ra, dec, a_s, a_e, ndit=int(ndit), source=source,
                                 seeing=seeing0 * rng.uniform(0.85, 1.15), slit_offset=rng.uniform(-0.15, 0.15),
                                 trace=(x0, rng.uniform(-2.0, 2.0) / 1000.0, rng.uniform(-1.0, 1.0) / 512.0**2),
-                                flexure=float(rng.normal(0, 0.3)), offset_x=off, nod=nod, nodthrow=throw,
+                                flexure=flex, offset_x=off, nod=nod, nodthrow=throw,
                                 jitter=jit, obs_id=obs_id, expno=i + 1, nexp=n,
                                 sky_scale=float(np.clip(rng.normal(1.0, 0.08), 0.7, 1.3))))
         t = t + TimeDelta(float(dit) * int(ndit) + 25.0, format="sec")
@@ -453,8 +457,9 @@ def _hdu(spec: FrameSpec, adu: np.ndarray) -> fits.PrimaryHDU:
         hdr = efosc2_header(t=spec.t, exptime=spec.exptime + (0.0006 if spec.exptime > 0 else 0.0), kind=kind,
                             obj=spec.obj, ra=spec.ra, dec=spec.dec, am_start=spec.am_start, am_end=spec.am_end,
                             obs_id=spec.obs_id, expno=spec.expno, nexp=spec.nexp)
-        hdu = fits.PrimaryHDU(adu.astype(np.uint16), header=hdr, do_not_scale_image_data=False)
-        hdu.scale("int16", bzero=32768)
+        # uint16 data are written by astropy as BITPIX=16, BZERO=32768, as the
+        # EFOSC2 raw files are (the full 0..65535 ADC range is preserved)
+        hdu = fits.PrimaryHDU(adu.astype(np.uint16), header=hdr)
     else:
         kind = "flat" if spec.kind == "lamp_off_flat" else spec.kind
         hdr = sofi_header(t=spec.t, dit=spec.exptime, ndit=spec.ndit, kind=kind, obj=spec.obj, ra=spec.ra,
