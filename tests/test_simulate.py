@@ -326,3 +326,14 @@ def test_spectra_are_readable_and_have_the_drawn_snr(sim_spectra):
     assert np.median(ratios) == pytest.approx(1.0, rel=0.05)
     assert {"QSO", "SF"} <= set(truth["kind"])
     assert 3 <= truth["snr"].min() and truth["snr"].max() <= 50
+
+
+def test_sofi_flux_standard_has_a_near_ir_flux_table(sim_night):
+    """A SofI flux standard must have tabulated fluxes over the whole blue-grism range."""
+    std = _frames(sim_night, type="flux_standard", instrument="SOFI")
+    assert len(std) >= 4
+    name = {str(n) for n in std["object"]}
+    assert len(name) == 1
+    star = calib.find_standard(None, None, name=name.pop())
+    assert star.kind == "flux"
+    assert np.max(calib.standard_flux(star.name)["wavelength"]) > 16500

@@ -149,9 +149,17 @@ def _a0v_source(name: str, vmag: float) -> _StarSource:
     return _StarSource(name, wave, np.asarray(t["flux"], float) * scale, "telluric")
 
 
-def _pick_standard(mjd: float, rng) -> tuple[str, float, float, float]:
+def _red_end(inst: str) -> float:
+    """Reddest wavelength (Å) reaching the detector of a simulated instrument."""
+    sim = optics.INSTRUMENTS[inst]
+    return float(np.max(sim.row_to_wave(np.array(sim.rows, float))))
+
+
+def _pick_standard(mjd: float, rng, min_wmax: float = 0.0) -> tuple[str, float, float, float]:
+    """The flux standard with a flux table reaching ``min_wmax`` (Å) nearest the zenith."""
     st = calib.standards()
     has = np.array([bool(str(f).strip()) for f in st["flux_file"]])
+    has &= np.nan_to_num(np.asarray(st["flux_wmax"], float)) >= min_wmax
     st = st[has]
     am = airmass_at(np.asarray(st["ra"], float), np.asarray(st["dec"], float), mjd)
     i = int(np.argmin(am))
@@ -232,7 +240,7 @@ def plan_sofi(rows, targets, rng) -> list[FrameSpec]:
                                 obs_id=200400002, expno=i + 1, nexp=10, lamp_on=on))
         t = t + TimeDelta(40, format="sec")
     tstd = first - TimeDelta(1800, format="sec")
-    name, ra, dec, am = _pick_standard(tstd.mjd, rng)
+    name, ra, dec, am = _pick_standard(tstd.mjd, rng, min_wmax=_red_end(inst))
     frames += _abba(inst, "flux_standard", tstd, _flux_standard_source(name), name.replace(" ", ""), ra, dec,
                     am, am + 0.01, rng, seeing0, obs_id=200400010, n=4, dit=None)
     oid = 200400100
