@@ -44,9 +44,13 @@ def spectrum_hdulist(wave, flux, sigma, mask=None, *, medium: str, flux_unit=FLA
     tab.header["TCTYP1"] = (ctype, "wavelength in " + medium)
     prim = fits.PrimaryHDU()
     if header is not None:
-        for k, v in (header.items() if isinstance(header, dict) else header.cards):
+        items = header.items() if isinstance(header, dict) else \
+            [(c.keyword, (c.value, c.comment)) for c in header.cards]
+        for k, v in items:
             if k in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", ""):
                 continue
+            if (len(k) > 8 or " " in k) and not k.upper().startswith("HIERARCH "):
+                k = "HIERARCH " + k
             prim.header[k] = v
     prim.header["WAVEMED"] = (med, "medium of the wavelength column")
     prim.header["BUNIT"] = (unit, "flux unit")

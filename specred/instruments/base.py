@@ -590,3 +590,12 @@ def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
         log.warning(msg)
+
+
+def slit_width_arcsec(slit_name: str | None) -> float | None:
+    """Slit width (arcsec) from an NTT slit name: EFOSC2 ``'slit#1.0'`` -> 1.0, SofI
+    ``'long_slit_1'`` -> 1.0, ``'long_slit_0.6'`` -> 0.6; None when the name has no width."""
+    import re
+
+    m = re.search(r"(\d+(?:\.\d+)?)\s*$", str(slit_name or ""))
+    return float(m.group(1)) if m else None

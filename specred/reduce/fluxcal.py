@@ -48,7 +48,7 @@ from ..errors import CalibrationError, SpectrumError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sensitivity", "sensitivity_function", "flux_calibrate", "extinction_correction",
+__all__ = ["Sensitivity", "sensitivity_function", "flux_calibrate", "extinction_correction", "slit_throughput",
            "pixel_width", "bin_flux_table", "hydrogen_lines", "telluric_band_list",
            "line_windows"]
 
@@ -123,6 +123,36 @@ def _pixel_edges(wave: np.ndarray) -> np.ndarray:
     """Pixel boundaries (n+1) of a monotonic wavelength array: midpoints, ends mirrored."""
     mid = 0.5 * (wave[1:] + wave[:-1])
     return np.concatenate([[wave[0] - (mid[0] - wave[0])], mid, [wave[-1] + (wave[-1] - mid[-1])]])
+
+
+def slit_throughput(wave, fwhm_arcsec: float, slit_arcsec: float, ref_wave: float,
+                    seeing_exponent: float = -0.2):
+    """Fraction of a point source's light passing a slit, for a Gaussian seeing disc.
+
+    T(λ) = erf(w / (2 √2 σ(λ))), σ = FWHM / 2.3548, with the FWHM measured along the slit
+    at ``ref_wave`` and scaled as λ^-0.2 (Kolmogorov turbulence; e.g. Roddier 1981, Prog.
+    Optics 19, 281).  The star is assumed centred in the slit.  Dividing both the standard
+    and the science spectrum by their own T removes differential slit losses between
+    them (valid for point sources; an extended source is over-corrected).
+
+    Parameters
+    ----------
+    wave : array_like
+        Wavelengths (Å).
+    fwhm_arcsec : float
+        Spatial FWHM (arcsec) of the spectrum along the slit, at ``ref_wave``.
+    slit_arcsec : float
+        Slit width (arcsec).
+    ref_wave : float
+        Wavelength (Å) at which ``fwhm_arcsec`` was measured.
+    """
+    from scipy.special import erf
+
+    if not (fwhm_arcsec > 0 and slit_arcsec > 0):
+        raise CalibrationError(f"slit throughput needs FWHM > 0 and slit > 0 (got {fwhm_arcsec}, {slit_arcsec})")
+    fwhm = fwhm_arcsec * (_as_angstrom(wave) / float(ref_wave)) ** seeing_exponent
+    sigma = fwhm / 2.3548
+    return erf(slit_arcsec / (2.0 * np.sqrt(2.0) * sigma))
 
 
 def extinction_correction(wave, airmass: float, medium: str = "air") -> np.ndarray:

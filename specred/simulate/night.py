@@ -8,7 +8,10 @@
   redshift, metallicity, WR/BAL truth, continuum levels), ``lines.ecsv`` (every injected
   line with its observed flux), ``spectra/<id>_<INST>.ecsv`` (true flux-calibrated
   spectrum above the atmosphere in the instrument's medium), ``optics.yaml`` (dispersion,
-  tilt, detector constants), ``cosmics/<file>.npz``.
+  tilt, detector constants), ``cosmics/<file>.npz`` (injected cosmic-ray pixels) and, for
+  every object frame, ``expected/<file>.npz``: the noiseless object counts per raw row
+  (e-, whole profile), trace centre and Gaussian sigma per row, sky and dark e- per pixel at
+  the trace, read noise (e-) — what an optimal extraction's S/N is judged against.
 
 The night is taken from the programme's observing log (Solarz et al. 2020, Tables A.1/A.2):
 ``night`` is the UT date of the science exposures as the log lists them.  Calibrations are
@@ -412,6 +415,15 @@ class Renderer:
             frac = 0.5 * (erf(dx + half) - erf(dx - half))
             light += per_row[:, None] * frac
             truth["trace_x_centre"] = float(x0)
+            # noiseless expectation along the trace (raw rows, electrons per frame), from
+            # which tests derive the S/N an optimal extraction can reach
+            xi = np.clip(np.round(xc).astype(int), 0, nx - 1)
+            truth["expected"] = {
+                "object_e": per_row * inst.gain, "x_centre": xc, "sigma_px": sig[:, 0],
+                "sky_e": (light[np.arange(ny), xi] - per_row * frac[np.arange(ny), xi]) * inst.gain,
+                "dark_e": np.full(ny, inst.dark * t_frame),
+                "read_noise_e": np.float64(inst.read_noise / (np.sqrt(spec.ndit) if inst.name == "SOFI" else 1.0)),
+                "ndit": np.int64(spec.ndit if inst.name == "SOFI" else 1)}
         # detector: response, dark, noise (in electrons), cosmics, read noise, bias
         d = self.defects
         e = light * inst.gain * d.prnu
@@ -505,7 +517,7 @@ def simulate_night(out, night: str = DEFAULT_NIGHT, instrument: str = "both", se
         raise SpecredError(f"--night must be a date YYYY-MM-DD, not {night!r}") from exc
     out = Path(out)
     raw_dir, truth_dir = out / "raw", out / "truth"
-    for d in (raw_dir, truth_dir / "spectra", truth_dir / "cosmics"):
+    for d in (raw_dir, truth_dir / "spectra", truth_dir / "cosmics", truth_dir / "expected"):
         d.mkdir(parents=True, exist_ok=True)
     ss = np.random.SeedSequence(seed)
     plan_ss, src_ss, frame_seq = ss.spawn(3)
@@ -551,6 +563,9 @@ def simulate_night(out, night: str = DEFAULT_NIGHT, instrument: str = "both", se
         path = raw_dir / name
         atomic_write_fits(fits.HDUList([_hdu(spec, adu)]), path)
         raw_files.append(path)
+        expected = tr.pop("expected", None)
+        if expected is not None:
+            np.savez_compressed(truth_dir / "expected" / (name[:-5] + ".npz"), **expected)
         cr = tr.pop("cosmics", None)
         if cr is not None:
             np.savez_compressed(truth_dir / "cosmics" / (name[:-5] + ".npz"), **cr)
