@@ -174,11 +174,24 @@ class FineGrid:
         return h / self.step
 
     def bin_lines(self, wave, counts):
-        """Delta-function lines (counts/s each) -> counts/s per row."""
+        """Delta-function lines (counts/s each) -> counts/s per row of the fine grid.
+
+        Each line's flux is shared linearly between the two grid points around it, so the
+        rendered line's centroid is exactly where the truth formula puts it (putting it in
+        the nearest bin would move it by up to half a grid step, ~0.6 Å for EFOSC2).
+        """
         u = self.wave_to_u(np.asarray(wave, dtype=float))
+        c = np.asarray(counts, dtype=float)
         ok = np.isfinite(u)
-        h, _ = np.histogram(u[ok], bins=self.edges, weights=np.asarray(counts, dtype=float)[ok])
-        return h / self.step
+        t = (u[ok] - self.u[0]) / self.step
+        i = np.floor(t).astype(int)
+        f = t - i
+        n = len(self.u)
+        out = np.zeros(n)
+        for idx, w in ((i, 1.0 - f), (i + 1, f)):
+            good = (idx >= 0) & (idx < n)
+            out += np.bincount(idx[good], weights=(c[ok] * w)[good], minlength=n)
+        return out / self.step
 
     def convolve(self, per_row):
         sigma = self.inst.lsf_fwhm_px / 2.3548 / self.step
