@@ -29,6 +29,9 @@ def _setup_logging(verbose: bool) -> None:
 
     for noisy in ("astropy", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # per-step diagnostics of the algorithms only with --verbose; the pipeline's own
+    # one-line-per-target progress is always shown
+    logging.getLogger("specred.reduce").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def cmd_simulate(args) -> int:
@@ -57,6 +60,40 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _night_summary(res) -> str:
+    t = res.table
+    lines = [f"{'target':12s} {'kind':13s} {'exptime':>7s} {'airmass':>7s} {'S/N':>6s} {'rms[px]':>7s} "
+             f"{'standard':10s} flags"]
+    for r in t:
+        lines.append(f"{r['target']:12s} {r['kind'] or '-':13s} {r['exptime']:7.0f} {r['airmass']:7.3f} "
+                     f"{r['snr_6000_6200']:6.1f} {r['wave_rms_px']:7.3f} {r['standard'][:10]:10s} {r['flags']}")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items() if k != "total")
+    lines.append(f"wall time {res.timings['total']:.1f} s ({stages})")
+    for p in res.problems:
+        lines.append(f"skipped: {p}")
+    return "\n".join(lines)
+
+
+def cmd_reduce(args) -> int:
+    from .pipeline import reduce_night
+    from .progress import progress
+
+    res = reduce_night(args.raw, args.out, config=args.config)
+    print(_night_summary(res))
+    print(f"products in {Path(args.out) / 'spectra'}, night table {Path(args.out) / 'night.ecsv'}")
+    return 0
+
+
+def cmd_wavecal(args) -> int:
+    from .reduce.wavecal import wavecal_file
+
+    sol = wavecal_file(args.arc, args.out, instrument=args.instrument)
+    lo, hi = float(sol.map().min()), float(sol.map().max())
+    print(f"{Path(args.arc).name}: {sol.n_lines} lines, RMS {sol.rms_px:.3f} px = {sol.rms_aa:.3f} Å (air), "
+          f"{lo:.0f}-{hi:.0f} Å" + (f"; map written to {args.out}" if args.out else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .discover import discover, inspect_report
     from .progress import progress
@@ -69,6 +106,11 @@ def cmd_demo(args) -> int:
     res = simulate_night(out, night="2018-12-05", instrument="both", seed=args.seed, progress=progress)
     print(f"  {len(res.raw_files)} raw frames in {res.seconds:.1f} s\n")
     print(inspect_report(discover(out / "raw")))
+    from .pipeline import reduce_night
+
+    print(f"\nreducing the EFOSC2 night into {out / 'reduced'}/ ...")
+    red = reduce_night(out / "raw", out / "reduced")
+    print(_night_summary(red))
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -92,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="list and check the frames of a raw night")
     s.add_argument("raw", help="folder with raw FITS files (searched recursively)")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("reduce", help="reduce a night of EFOSC2 Gr#13 spectra to flux-calibrated 1D spectra")
+    s.add_argument("raw", help="folder with raw FITS files (searched recursively)")
+    s.add_argument("--out", required=True, help="output folder (spectra/, calibrations/, night.ecsv)")
+    s.add_argument("--config", default=None, help="YAML file overriding pipelines/efosc2_gr13.yaml")
+    s.set_defaults(func=cmd_reduce)
+
+    s = sub.add_parser("wavecal", help="wavelength-calibrate one arc frame and write its wavelength map")
+    s.add_argument("arc", help="arc FITS file (raw or already trimmed)")
+    s.add_argument("--out", default=None,
+                   help="wavelength map to write (Å for every pixel of the input; EFOSC2 air, SofI vacuum)")
+    s.add_argument("--instrument", default=None, choices=["efosc2", "sofi"],
+                   help="override the instrument read from the header")
+    s.set_defaults(func=cmd_wavecal)
 
     s = sub.add_parser("demo", help="simulate a programme night and show what specred sees")
     s.add_argument("--out", default="specred_demo", help="output folder (default ./specred_demo)")

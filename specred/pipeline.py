@@ -1,0 +1,713 @@
+"""The night reducer: discover -> group -> calibrations -> standards -> science -> products.
+
+``reduce_night(raw, out)`` reduces every EFOSC2 Grism #13 flux standard and science target
+of a night and writes
+
+* ``OUT/spectra/<target>_EFOSC2.fits`` — flux-calibrated, telluric-corrected 1D spectra
+  (specutils-readable without a format argument; air wavelengths, stated in the header;
+  flux, uncertainty and mask; provenance in the header);
+* ``OUT/calibrations/`` — master bias and flat, wavelength map (air Å per pixel of the
+  trimmed frame), sensitivity function and telluric transmission (ECSV);
+* ``OUT/night.ecsv`` — one row per reduced target (exposure, airmass, S/N at 6000–6200 Å,
+  wavelength RMS, standard used, flags).
+
+Only :mod:`specred.instruments` reads headers; the algorithms in :mod:`specred.reduce` work
+on arrays.  Nothing is lost silently: a frame that cannot be reduced gets a row with the
+reason in ``flags``; missing calibrations fall back to the nominal ones shipped in
+``calib/`` and say so in the product's ``FLAGS`` keyword.
+
+Flags
+-----
+``NO_BIAS``       fewer than ``bias.min_frames`` biases: overscan level only.
+``NO_FLAT``       no dome flat: no pixel-response correction.
+``NO_ARC``        no arc: nominal dispersion of ``calib/wavecal_seeds.yaml`` with the
+                  night-sky zero point.
+``NO_STANDARD``   no usable flux standard: nominal sensitivity from ``calib/``.
+``TELLURIC_MODEL`` telluric transmission from the model in ``calib/``, not measured.
+``NO_SKY_ZEROPOINT`` the sky lines were too weak to check the wavelength zero point.
+``LOW_SNR``       S/N at 6000–6200 Å below 3.
+``FAILED: ...``   the frame could not be reduced (reason follows).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.nddata import CCDData
+from astropy.table import Table
+from scipy.ndimage import gaussian_filter1d
+from scipy.optimize import curve_fit
+
+from . import __version__, calib
+from .config import load_config
+from .discover import discover
+from .errors import CalibrationError, SpecredError
+from .instruments import get_instrument
+from .instruments.base import slit_width_arcsec
+from .io import atomic_write_fits, atomic_write_table, sha256
+from .reduce import ccd as ccdred
+from .reduce import extract as extr
+from .reduce import fluxcal, skysub, telluric
+from .reduce import trace as trc
+from .reduce import wavecal
+from .spectrum_io import write_spectrum
+
+log = logging.getLogger(__name__)
+
+__all__ = ["reduce_night", "NightResult", "ReducedSpectrum", "efosc2_calibrations", "extract_frame",
+           "sky_zero_point", "SKY_ZERO_LINES_AIR"]
+
+#: Isolated night-sky emission lines for the wavelength zero point (air Å; Osterbrock et al.
+#: 1996, PASP 108, 277): [O I] 5577.338, 6300.304, 6363.776.
+SKY_ZERO_LINES_AIR = (5577.338, 6300.304, 6363.776)
+
+
+# ============================================================================ data holders
+@dataclass
+class Calibrations:
+    """Calibrations of one instrument set-up on one night."""
+
+    instrument: str
+    setup: str
+    geometry: object
+    tag: str
+    bias: CCDData | None = None
+    flat: CCDData | None = None
+    bad_pixels: np.ndarray | None = None
+    wavesol: object | None = None
+    wavemap: np.ndarray | None = None
+    sensitivity: fluxcal.Sensitivity | None = None
+    transmission: telluric.Transmission | None = None
+    standard: str = ""
+    flags: list[str] = field(default_factory=list)
+    files: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class FrameSpectrum:
+    """One extracted exposure (counts, before flux calibration)."""
+
+    info: object
+    header: fits.Header
+    wave: np.ndarray          # air Å per row
+    counts: np.ndarray        # e- per row
+    var: np.ndarray           # e-^2
+    mask: np.ndarray
+    trace: trc.Trace
+    rows: np.ndarray          # row of every pixel in the trimmed frame
+    x: np.ndarray             # trace centre (trimmed-frame column) per row
+    shift_px: float           # wavelength zero-point shift applied (rows)
+    n_cosmics: int
+    sky1d: np.ndarray
+    flags: list[str] = field(default_factory=list)
+    rejected: np.ndarray | None = None   # (ny, nx) cosmic-ray mask | extraction outliers
+    slit_throughput: np.ndarray | None = None   # point-source slit transmission per pixel
+
+    def counts_above_slit(self) -> tuple[np.ndarray, np.ndarray]:
+        """Counts and variance corrected for the slit losses (if known)."""
+        t = 1.0 if self.slit_throughput is None else self.slit_throughput
+        return self.counts / t, self.var / t**2
+
+
+@dataclass
+class ReducedSpectrum:
+    """A final product: a flux-calibrated spectrum of one target."""
+
+    target: str
+    instrument: str
+    path: Path | None
+    wave: np.ndarray
+    flux: np.ndarray
+    sigma: np.ndarray
+    mask: np.ndarray
+    frames: list[FrameSpectrum]
+    flags: list[str]
+    meta: dict
+
+
+@dataclass
+class NightResult:
+    out: Path
+    spectra: list[ReducedSpectrum]
+    table: Table
+    calibrations: list[Calibrations]
+    problems: list[str]
+    timings: dict
+
+
+# ============================================================================ helpers
+def _read_raw(info) -> tuple[np.ndarray, fits.Header]:
+    try:
+        with fits.open(info.path, memmap=False) as hdul:
+            return np.asarray(hdul[0].data, dtype=np.float32), hdul[0].header
+    except (OSError, ValueError, TypeError) as exc:
+        raise SpecredError(f"{Path(info.path).name}: cannot read the data ({exc})") from exc
+
+
+def _provenance(header: fits.Header, inputs, calibs: dict, params: dict) -> None:
+    header["SPECRED"] = (__version__, "specred version")
+    for i, p in enumerate(inputs, 1):
+        header[f"PROV{i}"] = (Path(p).name, "input raw file")
+        header[f"PROVSH{i}"] = (sha256(p)[:32], "sha256 of input (32 hex)")
+    for k, v in calibs.items():
+        header[f"HIERARCH SPECRED CAL {k.upper()}"] = str(v)[:50]
+    header["HIERARCH SPECRED PARAMS"] = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Stage:
+    """Accumulates wall time per reduction stage."""
+
+    def __init__(self, timings: dict):
+        self.timings = timings
+
+    def __call__(self, name):
+        stage = self
+
+        class _T:
+            def __enter__(self):
+                self.t0 = _time.perf_counter()
+
+            def __exit__(self, *exc):
+                stage.timings[name] = stage.timings.get(name, 0.0) + _time.perf_counter() - self.t0
+        return _T()
+
+
+class NominalSolution:
+    """Wavelength 'solution' from the nominal dispersion of a seed, for nights without arcs.
+
+    ``wavelength(y, x)`` = seed λ(raw row) with no tilt; ``rms_px``/``rms_aa`` are NaN.
+    """
+
+    def __init__(self, seed, shape, row_offset: int):
+        self.seed, self.shape, self.row_offset = seed, shape, row_offset
+        self.rms_px = self.rms_aa = float("nan")
+        self.n_lines = 0
+
+    def wavelength(self, y, x=None):
+        return np.asarray(self.seed.wavelength(np.asarray(y, float) + self.row_offset), float)
+
+    def map(self):
+        ny, nx = self.shape
+        return np.repeat(self.wavelength(np.arange(ny))[:, None], nx, axis=1)
+
+
+def _write_wavemap(sol, wavemap: np.ndarray, path: Path) -> Path:
+    hdr = fits.Header()
+    hdr["BUNIT"] = ("Angstrom", "wavelength of every pixel")
+    hdr["WAVEMED"] = (getattr(sol, "medium", "air").upper(), "wavelength medium")
+    hdr["WAVERMS"] = (round(float(sol.rms_px), 4) if np.isfinite(sol.rms_px) else -1.0, "arc fit RMS (pixels)")
+    hdr["WAVERMSA"] = (round(float(sol.rms_aa), 4) if np.isfinite(sol.rms_aa) else -1.0, "arc fit RMS (Angstrom)")
+    hdr["WAVENLIN"] = (int(sol.n_lines), "arc lines used")
+    return atomic_write_fits(fits.HDUList([fits.PrimaryHDU(wavemap.astype(np.float64), header=hdr)]), path)
+
+
+# ============================================================================ EFOSC2 calibrations
+def efosc2_calibrations(group: dict, cfg: dict, out: Path, key: tuple, stage=None) -> Calibrations:
+    """Master bias, flat and wavelength solution of one EFOSC2 set-up of a night."""
+    stage = stage or _Stage({})
+    inst = get_instrument("EFOSC2")
+    anyframe = next(iter(group.get("science") or group.get("flux_standard") or group.get("arc")
+                         or group.get("flat") or group.get("bias")))
+    geom = inst.geometry(fits.getheader(anyframe.path))
+    tag = f"EFOSC2_{key[1]}_" + "".join(c if c.isalnum() else "_" for c in key[2].split("/")[0])
+    cal = Calibrations("EFOSC2", key[2], geom, tag)
+    caldir = out / "calibrations"
+
+    with stage("bias"):
+        biases = group.get("bias", [])
+        if len(biases) >= cfg["bias"]["min_frames"]:
+            cal.bias = ccdred.master_bias([_read_raw(b)[0] for b in biases], geom, method=cfg["bias"]["method"])
+            cal.files["bias"] = f"{tag}_bias.fits"
+            atomic_write_fits(fits.HDUList([fits.PrimaryHDU(cal.bias.data),
+                                            fits.ImageHDU(cal.bias.uncertainty.array, name="VARIANCE")]),
+                              caldir / cal.files["bias"])
+        else:
+            cal.flags.append("NO_BIAS")
+            log.warning("%s: %d bias frame(s), fewer than %d: overscan level only", tag, len(biases),
+                        cfg["bias"]["min_frames"])
+
+    with stage("flat"):
+        flats = group.get("flat", [])
+        if flats:
+            ccds = [ccdred.process_frame(_read_raw(f)[0], geom, master_bias=cal.bias) for f in flats]
+            cal.flat, low = ccdred.master_flat(ccds, spectral_smooth=cfg["flat"]["spectral_smooth"],
+                                               min_level=cfg["flat"]["min_level"])
+            cal.bad_pixels = (cal.flat.data < 0.5) | (cal.flat.data > 1.5)
+            cal.files["flat"] = f"{tag}_flat.fits"
+            atomic_write_fits(fits.HDUList([fits.PrimaryHDU(cal.flat.data),
+                                            fits.ImageHDU(cal.bad_pixels.astype(np.uint8), name="BADPIX")]),
+                              caldir / cal.files["flat"])
+        else:
+            cal.flags.append("NO_FLAT")
+            log.warning("%s: no dome flat; pixel response not corrected", tag)
+
+    with stage("wavecal"):
+        seed = wavecal.load_seed("EFOSC2_GR13")
+        row0 = geom.trim_section[0].start or 0
+        arcs = group.get("arc", [])
+        if arcs:
+            imgs = [ccdred.process_frame(_read_raw(a)[0], geom, master_bias=cal.bias) for a in arcs]
+            arc = np.median(np.stack([i.data for i in imgs]), axis=0)
+            sat = np.any(np.stack([i.mask for i in imgs]), axis=0)
+            # a failure raises CalibrationError naming the arc files
+            cal.wavesol = wavecal.solve_arc(arc, calib.arc_lines(seed.lamp), seed, mask=sat, row_offset=row0,
+                                            name=", ".join(Path(a.path).name for a in arcs))
+            log.info("%s: wavelength solution RMS %.3f px (%.2f Å) from %d lines", tag, cal.wavesol.rms_px,
+                     cal.wavesol.rms_aa, cal.wavesol.n_lines)
+        else:
+            cal.flags.append("NO_ARC")
+            log.warning("%s: no arc frames; nominal dispersion + night-sky zero point", tag)
+            cal.wavesol = NominalSolution(seed, geom.trim_shape, row0)
+        cal.wavemap = cal.wavesol.map()
+        cal.files["wavemap"] = f"{tag}_wavemap.fits"
+        _write_wavemap(cal.wavesol, cal.wavemap, caldir / cal.files["wavemap"])
+    return cal
+
+
+# ============================================================================ one frame
+def _gauss_lin(x, a, mu, sig, c0, c1):
+    return a * np.exp(-0.5 * ((x - mu) / sig) ** 2) + c0 + c1 * (x - mu)
+
+
+def sky_zero_point(rows: np.ndarray, wave: np.ndarray, sky1d: np.ndarray, lines=SKY_ZERO_LINES_AIR,
+                   fwhm_px: float = 3.0, min_snr: float = 10.0) -> float | None:
+    """Zero-point offset (rows) of a spectrum's wavelength scale from night-sky lines.
+
+    Each line is fitted with a Gaussian plus a straight line in a ±3 FWHM window of the sky
+    spectrum along the trace; the offset is the median over the lines of (measured row −
+    row where the current solution puts the line's laboratory wavelength).  A positive
+    value means the lines sit at larger rows than predicted, i.e. the corrected wavelength
+    is ``λ(row − offset)``.  Returns None when no line is measured with S/N ≥ ``min_snr``.
+    """
+    order = np.argsort(wave)
+    offs, wts = [], []
+    hw = int(np.ceil(3 * fwhm_px))
+    for lam in lines:
+        if not wave.min() + 10 < lam < wave.max() - 10:
+            continue
+        yp = float(np.interp(lam, wave[order], rows[order]))
+        i0 = int(round(yp))
+        sl = slice(max(i0 - hw, 0), min(i0 + hw + 1, len(rows)))
+        x, s = rows[sl].astype(float), sky1d[sl]
+        good = np.isfinite(s)
+        if good.sum() < 7:
+            continue
+        x, s = x[good], s[good]
+        base = np.median(np.r_[s[:2], s[-2:]])
+        amp = float(s.max() - base)
+        noise = float(np.std(np.diff(np.r_[s[:3], s[-3:]]))) / np.sqrt(2) + 1e-12
+        if amp < min_snr * noise:
+            continue
+        try:
+            p, cov = curve_fit(_gauss_lin, x, s, p0=[amp, x[np.argmax(s)], fwhm_px / 2.355, base, 0.0],
+                               maxfev=2000)
+        except (RuntimeError, ValueError):
+            continue
+        if not (abs(p[1] - yp) < hw and 0.3 < abs(p[2]) < 3 * fwhm_px) or not np.isfinite(cov[1, 1]):
+            continue
+        offs.append(p[1] - yp)
+        wts.append(p[0])
+    if not offs:
+        return None
+    return float(np.median(offs))
+
+
+def extract_frame(info, cal: Calibrations, cfg: dict, *, expected_x: float | None = None,
+                  stage=None) -> FrameSpectrum:
+    """Bias, cosmics, flat, trace, sky, extraction and wavelengths of one EFOSC2 frame.
+
+    Returns the spectrum in electrons per row with variance, its air wavelengths (after
+    the night-sky zero-point correction) and the trace.
+    """
+    stage = stage or _Stage({})
+    geom = cal.geometry
+    name = Path(info.path).name
+    flags: list[str] = []
+    with stage("ccd"):
+        raw, hdr = _read_raw(info)
+        if raw.shape != geom.shape:
+            raise SpecredError(f"{name}: image shape {raw.shape} differs from the set-up's {geom.shape}")
+        img = ccdred.process_frame(raw, geom, master_bias=cal.bias, bad_pixels=cal.bad_pixels)
+    n_cr = 0
+    crmask = np.zeros(geom.trim_shape, bool)
+    if cfg["cosmics"]["enabled"]:
+        with stage("cosmics"):
+            c = cfg["cosmics"]
+            crmask = ccdred.detect_cosmics(img, read_noise=geom.read_noise, sigclip=c["sigclip"], objlim=c["objlim"],
+                                           sigfrac=c["sigfrac"], niter=c["niter"],
+                                           satlevel=geom.saturation * geom.gain)
+            n_cr = int(crmask.sum())
+            img.mask = img.mask | crmask
+    with stage("ccd"):
+        if cal.flat is not None:
+            img = ccdred.apply_flat(img, cal.flat)
+        data, var, mask = img.data.astype(float), img.uncertainty.array.astype(float), img.mask
+    with stage("trace"):
+        t = cfg["trace"]
+        cands = trc.find_objects(data, var, mask, min_snr=t["min_snr"])
+        ex = expected_x if expected_x is not None else t["expected_x"]
+        pick = trc.choose_object(cands, expected_x=ex)
+        if pick is None:
+            raise SpecredError(f"{name}: no object found along the slit (no peak above S/N {t['min_snr']})")
+        tr = trc.fit_trace(data, var, mask, pick[0], order=t["order"], bin_rows=t["bin_rows"])
+    with stage("sky"):
+        s = cfg["sky"]
+        excl = skysub.object_mask(data.shape, tr, s["object_half_width_fwhm"] * tr.fwhm)
+        sky, sky_var = skysub.fit_sky(data, var, mask, excl, order=s["order"],
+                                      wavemap=cal.wavemap if s["method"] == "wavelength" else None)
+    rows = np.arange(data.shape[0])
+    xs = tr.x(rows)
+    xi = np.clip(np.round(xs).astype(int), 0, data.shape[1] - 1)
+    sky1d = sky[rows, xi]
+    wave = cal.wavesol.wavelength(rows.astype(float), xs)
+    shift = 0.0
+    if cfg["wavecal"]["flexure_from_sky"]:
+        off = sky_zero_point(rows, wave, sky1d)
+        if off is None:
+            flags.append("NO_SKY_ZEROPOINT")
+            log.info("%s: night-sky lines too weak for a zero-point check", name)
+        elif abs(off) > cfg["wavecal"]["max_flexure_px"]:
+            flags.append("SKY_ZEROPOINT_REJECTED")
+            log.warning("%s: sky-line zero point %.2f px exceeds %.1f px; not applied", name, off,
+                        cfg["wavecal"]["max_flexure_px"])
+        else:
+            shift = off
+            wave = cal.wavesol.wavelength(rows - shift, xs)
+    with stage("extract"):
+        e = cfg["extract"]
+        half = e["half_width_fwhm"] * tr.fwhm
+        if e["method"] == "optimal":
+            res = extr.optimal_extract(data - sky, var, mask, tr, half_width=half, read_noise=geom.read_noise,
+                                       sky=sky, nsigma=e["nsigma"], sky_variance=sky_var)
+        else:
+            res = extr.boxcar_extract(data - sky, var, mask, tr, half, sky_variance=sky_var)
+    rejected = crmask if res.rejected is None else crmask | res.rejected
+    thru = None
+    slit = slit_width_arcsec(info.slit)
+    if cfg["fluxcal"]["slit_loss"] and slit:
+        ref = float(np.interp(0.5 * (tr.y_fit[0] + tr.y_fit[1]), rows, wave)) if tr.y_fit else float(np.median(wave))
+        thru = fluxcal.slit_throughput(wave, tr.fwhm * geom.pixel_scale, slit, ref)
+    return FrameSpectrum(info, hdr, wave, res.flux, res.variance, res.mask | ~np.isfinite(res.flux), tr, rows, xs,
+                         shift, n_cr, sky1d, flags, rejected, thru)
+
+
+# ============================================================================ standards
+def _model_transmission(fwhm_aa: float) -> telluric.Transmission:
+    """Telluric model of ``calib/`` at airmass 1 convolved to the spectral resolution."""
+    w = np.arange(3500.0, 9600.0, 1.0)
+    t = calib.telluric_transmission(w, airmass=1.0, medium="air")
+    t = gaussian_filter1d(t, fwhm_aa / 2.3548)
+    bands = [(b[0], b[1], b[2]) for b in fluxcal.telluric_band_list("air")]
+    return telluric.Transmission(w, t, np.zeros_like(t), "air", 1.0, bands, "model", {"method": "model"})
+
+
+def _nominal_sensitivity(gain: float) -> fluxcal.Sensitivity:
+    """Nominal EFOSC2 Gr#13 sensitivity (ADU based in ``calib/``) converted to electrons."""
+    t = calib.nominal_sensitivity("EFOSC2_GR13")
+    w = np.asarray(t["wavelength"], float)
+    s = np.asarray(t["sensitivity"], float) + 2.5 * np.log10(gain)
+    return fluxcal.Sensitivity(w, s, t.meta.get("medium", "air"), "nominal", float("nan"), float("nan"), Table(),
+                               (float(w[0]), float(w[-1])), "nominal")
+
+
+def calibrate_with_standards(cal: Calibrations, std_frames: list[FrameSpectrum], cfg: dict) -> None:
+    """Sensitivity and telluric transmission from the night's best flux standard.
+
+    Falls back to the nominal sensitivity and the model transmission (with flags) when the
+    night has no recognised, usable standard.
+    """
+    best = None
+    for fs in std_frames:
+        info = fs.info
+        star = calib.find_standard(info.ra, info.dec, name=info.object)
+        if star is None or star.kind != "flux" or not star.flux_file:
+            log.warning("%s: %s is not a spectrophotometric standard known to calib/", Path(info.path).name,
+                        info.object)
+            continue
+        good = ~fs.mask
+        snr = float(np.nanmedian(fs.counts[good] / np.sqrt(fs.var[good]))) if good.any() else 0.0
+        if best is None or snr > best[2]:
+            best = (fs, star, snr)
+    if best is None:
+        cal.flags += ["NO_STANDARD", "TELLURIC_MODEL"]
+        log.warning("%s: no usable flux standard; nominal sensitivity and model telluric absorption", cal.tag)
+        cal.sensitivity = _nominal_sensitivity(cal.geometry.gain)
+        cal.transmission = _model_transmission(16.0)
+        cal.standard = "nominal"
+        return
+    fs, star, _ = best
+    tab = calib.standard_flux(star.name)
+    f = cfg["fluxcal"]
+    counts, var = fs.counts_above_slit()
+    cal.sensitivity = fluxcal.sensitivity_function(
+        fs.wave, counts, var, fs.info.exptime, fs.info.airmass, tab["wavelength"], tab["flux"],
+        medium="air", std_medium=tab.meta.get("medium", "air"), mask=fs.mask, standard=star.name,
+        smoothing=f["smoothing_aa"], stellar_lines="hydrogen" if f["mask_balmer"] else None)
+    cal.standard = star.name
+    log.info("%s: sensitivity from %s (X = %.3f), RMS %.3f mag", cal.tag, star.name, fs.info.airmass,
+             cal.sensitivity.rms_mag)
+    if cfg["telluric"]["enabled"]:
+        cal.transmission = telluric.transmission_from_standard(fs.wave, fs.counts, fs.var, medium="air",
+                                                               airmass=fs.info.airmass, mask=fs.mask)
+
+
+# ============================================================================ science
+def _snr(wave, flux, sigma, mask, window) -> float:
+    sel = (wave >= window[0]) & (wave <= window[1]) & ~mask & np.isfinite(flux) & (sigma > 0)
+    if sel.sum() < 5:
+        return float("nan")
+    return float(np.median(flux[sel] / sigma[sel]))
+
+
+def calibrate_frame(fs: FrameSpectrum, cal: Calibrations, cfg: dict):
+    """Flux calibration and telluric correction of one extracted frame.
+
+    Returns (flux, variance, mask, telluric_flag) with f_λ in erg s⁻¹ cm⁻² Å⁻¹.
+    """
+    counts, var = fs.counts_above_slit()
+    flux, fvar, mask = fluxcal.flux_calibrate(fs.wave, counts, var, fs.info.exptime, fs.info.airmass,
+                                              cal.sensitivity, medium="air", mask=fs.mask)
+    corrected = np.zeros(flux.shape, bool)
+    if cfg["telluric"]["enabled"] and cal.transmission is not None:
+        shift = 0.0
+        if cal.transmission.source == "standard":
+            try:
+                shift = telluric.cross_correlation_shift(fs.wave, np.where(mask, np.nan, flux), cal.transmission)
+            except (SpecredError, ValueError):
+                shift = 0.0
+        flux, fvar, mask, corrected = telluric.correct_telluric(
+            fs.wave, flux, fvar, mask, cal.transmission, airmass=fs.info.airmass, shift_px=shift,
+            min_transmission=cfg["telluric"]["min_transmission"], medium="air",
+            exponent=cfg["telluric"]["airmass_exponent"])
+    return flux, fvar, mask, corrected
+
+
+def _combine(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
+    """Inverse-variance weighted mean of spectra on the first spectrum's wavelengths."""
+    w0 = parts[0][0]
+    num = np.zeros_like(w0)
+    den = np.zeros_like(w0)
+    for w, f, v, m in parts:
+        fi = np.interp(w0, w, np.where(m, 0.0, f))
+        vi = np.interp(w0, w, np.where(m, np.inf, v))
+        mi = (np.interp(w0, w, m.astype(float)) > 0) | ~np.isfinite(vi) | (vi <= 0)
+        wt = np.where(mi, 0.0, 1.0 / np.where(mi, 1.0, vi))
+        num += wt * fi
+        den += wt
+    ok = den > 0
+    flux = np.where(ok, num / np.where(ok, den, 1.0), np.nan)
+    var = np.where(ok, 1.0 / np.where(ok, den, 1.0), np.nan)
+    return w0, flux, var, ~ok
+
+
+def _product_header(frames: list[FrameSpectrum], cal: Calibrations, flags: list[str], snr: float,
+                    cfg: dict) -> fits.Header:
+    h0 = frames[0].header
+    info = frames[0].info
+    h = fits.Header()
+    for k in ("OBJECT", "RA", "DEC", "EQUINOX", "DATE-OBS", "MJD-OBS", "INSTRUME", "TELESCOP"):
+        if k in h0:
+            h[k] = (h0[k], h0.comments[k])
+    h["GRISM"] = (info.grism or "", "grism")
+    h["FILTER"] = (info.filter or "", "filter")
+    h["SLIT"] = (info.slit or "", "slit")
+    h["EXPTIME"] = (float(sum(f.info.exptime for f in frames)), "total exposure time (s)")
+    h["NCOMBINE"] = (len(frames), "exposures combined")
+    h["AIRMASS"] = (round(float(np.mean([f.info.airmass for f in frames])), 4), "mean airmass")
+    h["WAVERMS"] = (float(np.round(cal.wavesol.rms_px, 4)) if np.isfinite(cal.wavesol.rms_px) else -1.0,
+                    "arc solution RMS (pixels)")
+    h["WAVERMSA"] = (float(np.round(cal.wavesol.rms_aa, 4)) if np.isfinite(cal.wavesol.rms_aa) else -1.0,
+                     "arc solution RMS (Angstrom)")
+    h["SKYSHIFT"] = (round(float(np.mean([f.shift_px for f in frames])), 3), "sky-line zero-point shift (pix)")
+    h["STANDARD"] = (cal.standard, "flux standard used")
+    h["SENSRMS"] = (float(np.round(cal.sensitivity.rms_mag, 4)) if np.isfinite(cal.sensitivity.rms_mag) else -1.0,
+                    "sensitivity fit RMS (mag)")
+    h["SNR6100"] = (round(float(snr), 2) if np.isfinite(snr) else -1.0, "median S/N per pixel 6000-6200 A")
+    h["EXTRACT"] = (cfg["extract"]["method"], "extraction method")
+    thr = [np.median(f.slit_throughput) for f in frames if f.slit_throughput is not None]
+    h["SLITTHRU"] = (round(float(np.mean(thr)), 4) if thr else -1.0,
+                     "slit transmission corrected (-1 none)")
+    h["FLAGS"] = (",".join(flags) or "OK", "reduction flags")
+    h["HIERARCH SPECRED MASK"] = "True = bad or no data"
+    _provenance(h, [f.info.path for f in frames], cal.files, cfg)
+    return h
+
+
+def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, cfg: dict, out: Path,
+                   kind: str) -> ReducedSpectrum:
+    parts = []
+    tell_any = np.zeros(0, bool)
+    for fs in frames:
+        f, v, m, corr = calibrate_frame(fs, cal, cfg)
+        parts.append((fs.wave, f, v, m))
+        tell_any = corr if tell_any.size == 0 else tell_any
+    wave, flux, var, mask = parts[0] if len(parts) == 1 else _combine(parts)
+    sigma = np.sqrt(np.where(np.isfinite(var) & (var > 0), var, np.nan))
+    mask = mask | ~np.isfinite(flux) | ~np.isfinite(sigma)
+    flux = np.where(mask, np.nan, flux)
+    sigma = np.where(mask, np.nan, sigma)
+    flags = sorted(set(cal.flags + [fl for fs in frames for fl in fs.flags]))
+    snr = _snr(wave, flux, sigma, mask, cfg["snr_window"])
+    if not np.isfinite(snr) or snr < 3:
+        flags.append("LOW_SNR")
+    hdr = _product_header(frames, cal, flags, snr, cfg)
+    hdr["HIERARCH SPECRED KIND"] = kind
+    hdr["HIERARCH SPECRED TELLURIC"] = (int(np.sum(tell_any)), "pixels corrected")
+    safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in target)
+    path = write_spectrum(out / "spectra" / f"{safe}_EFOSC2.fits", wave, flux, sigma, mask, medium="air",
+                          header=hdr)
+    return ReducedSpectrum(target, "EFOSC2", path, wave, flux, sigma, mask, frames, flags,
+                           {"snr": snr, "kind": kind, "telluric_corrected": tell_any})
+
+
+def _row(rs: ReducedSpectrum | None, target: str, frames, cal: Calibrations | None, flags, out: Path) -> dict:
+    infos = [f.info if isinstance(f, FrameSpectrum) else f for f in frames]
+    return {
+        "target": target, "instrument": "EFOSC2", "kind": rs.meta["kind"] if rs else "",
+        "file": str(rs.path.relative_to(out)) if rs else "",
+        "raw_files": ",".join(Path(i.path).name for i in infos),
+        "date_obs": infos[0].date_obs if infos else "",
+        "exptime": float(sum(i.exptime for i in infos)),
+        "airmass": float(np.mean([i.airmass for i in infos if i.airmass])) if infos else np.nan,
+        "snr_6000_6200": rs.meta["snr"] if rs else np.nan,
+        "wave_rms_px": float(cal.wavesol.rms_px) if cal and cal.wavesol else np.nan,
+        "wave_rms_aa": float(cal.wavesol.rms_aa) if cal and cal.wavesol else np.nan,
+        "sky_shift_px": float(np.mean([f.shift_px for f in rs.frames])) if rs else np.nan,
+        "n_cosmics": int(sum(f.n_cosmics for f in rs.frames)) if rs else 0,
+        "standard": cal.standard if cal else "",
+        "flags": ",".join(flags) or "OK",
+    }
+
+
+def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, progress=None):
+    """Reduce one EFOSC2 Gr#13 set-up of one night; returns (spectra, rows, calibrations)."""
+    stage = _Stage(timings)
+    cal = efosc2_calibrations(group, cfg, out, key, stage)
+    spectra, rows = [], []
+    # flux standards first: they calibrate the science
+    std_frames = []
+    for info in group.get("flux_standard", []):
+        try:
+            std_frames.append(extract_frame(info, cal, cfg, stage=stage))
+        except SpecredError as exc:
+            log.warning("%s", exc)
+            rows.append(_row(None, info.object, [info], cal, [f"FAILED: {exc}"], out))
+    with stage("fluxcal"):
+        calibrate_with_standards(cal, std_frames, cfg)
+        caldir = out / "calibrations"
+        cal.files["sensitivity"] = f"{cal.tag}_sensitivity.ecsv"
+        atomic_write_table(cal.sensitivity.to_table(), caldir / cal.files["sensitivity"])
+        if cal.transmission is not None:
+            tt = Table({"wavelength": cal.transmission.wave, "transmission": cal.transmission.trans,
+                        "variance": cal.transmission.variance},
+                       meta={"medium": cal.transmission.medium, "airmass": cal.transmission.airmass,
+                             "source": cal.transmission.source})
+            cal.files["telluric"] = f"{cal.tag}_telluric.ecsv"
+            atomic_write_table(tt, caldir / cal.files["telluric"])
+    for fs in std_frames:
+        with stage("fluxcal"):
+            rs = _reduce_target(fs.info.object, [fs], cal, cfg, out, "flux_standard")
+        spectra.append(rs)
+        rows.append(_row(rs, rs.target, rs.frames, cal, rs.flags, out))
+    by_target: dict[str, list] = {}
+    for info in group.get("science", []):
+        by_target.setdefault(info.object, []).append(info)
+    items = list(by_target.items())
+    it = items if progress is None else progress(items, desc="EFOSC2 targets", unit="target")
+    for target, infos in it:
+        frames = []
+        for info in infos:
+            try:
+                frames.append(extract_frame(info, cal, cfg, stage=stage))
+            except SpecredError as exc:
+                log.warning("%s", exc)
+                rows.append(_row(None, target, [info], cal, [f"FAILED: {exc}"], out))
+        if not frames:
+            continue
+        with stage("fluxcal"):
+            rs = _reduce_target(target, frames, cal, cfg, out, "science")
+        spectra.append(rs)
+        rows.append(_row(rs, target, frames, cal, rs.flags, out))
+        log.info("%s: S/N %.1f at 6000-6200 Å -> %s", target, rs.meta["snr"], rs.path.name)
+    return spectra, rows, cal
+
+
+NIGHT_COLUMNS = ("target", "instrument", "kind", "file", "raw_files", "date_obs", "exptime", "airmass",
+                 "snr_6000_6200", "wave_rms_px", "wave_rms_aa", "sky_shift_px", "n_cosmics", "standard", "flags")
+
+
+def reduce_night(raw, out, *, config=None, progress=None) -> NightResult:
+    """Reduce every EFOSC2 Gr#13 flux standard and science target found under ``raw``.
+
+    Parameters
+    ----------
+    raw : path
+        Folder (searched recursively) or single FITS file of raw ESO frames.
+    out : path
+        Output folder (created).
+    config : path or dict, optional
+        User parameters overriding ``pipelines/efosc2_gr13.yaml``.
+    progress : callable, optional
+        ``progress(iterable, desc=, unit=)`` wrapper (see :mod:`specred.progress`).
+
+    Returns
+    -------
+    NightResult
+        Products, the night table (also written to ``out/night.ecsv``), calibrations,
+        the one-line problems found, and wall time per stage.
+    """
+    t_start = _time.perf_counter()
+    out = Path(out)
+    cfg = load_config("EFOSC2", config)
+    timings: dict[str, float] = {}
+    with _Stage(timings)("discover"):
+        found = discover(raw)
+    problems = [f"{Path(p).name}: {why}" for p, why in found.problems]
+    for p in problems:
+        log.warning("skipped %s", p)
+    spectra, rows, cals = [], [], []
+    groups = found.groups()
+    n_setups = 0
+    for key, group in groups.items():
+        inst, night, setup = key
+        kinds = set(group) - {"bias"}
+        if not kinds:
+            continue
+        if inst != "EFOSC2":
+            msg = f"{inst} set-up {setup} on {night}: not reduced by this command yet ({len(sum(group.values(), []))} frames)"
+            log.warning("%s", msg)
+            problems.append(msg)
+            continue
+        if not setup.startswith("Gr#13/"):
+            msg = f"EFOSC2 set-up {setup} on {night}: only Grism #13 is supported; frames skipped"
+            log.warning("%s", msg)
+            problems.append(msg)
+            continue
+        if not (group.get("science") or group.get("flux_standard")):
+            continue
+        n_setups += 1
+        s, r, c = reduce_efosc2_setup(key, group, cfg, out, timings, progress=progress)
+        spectra += s
+        rows += r
+        cals.append(c)
+    if n_setups == 0:
+        raise SpecredError(f"{raw}: no EFOSC2 Grism #13 science or standard frames to reduce"
+                           + (f" ({len(problems)} file(s) skipped, first: {problems[0]})" if problems else ""))
+    table = Table(rows=[[r[c] for c in NIGHT_COLUMNS] for r in rows], names=NIGHT_COLUMNS) if rows else \
+        Table(names=NIGHT_COLUMNS)
+    table["exptime"].unit = "s"
+    table["wave_rms_aa"].unit = "Angstrom"
+    table.meta.update({"specred_version": __version__, "raw": str(raw), "problems": problems,
+                       "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                       "wall_s": round(_time.perf_counter() - t_start, 2),
+                       "description": "one row per reduced target; flags explained in specred.pipeline"})
+    atomic_write_table(table, out / "night.ecsv")
+    timings["total"] = _time.perf_counter() - t_start
+    return NightResult(out, spectra, table, cals, problems, timings)
