@@ -17,8 +17,17 @@ from .errors import SpecredError
 log = logging.getLogger("specred")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced,
+    e.g. by a notebook or a test harness, after the CLI was first called)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
     root = logging.getLogger("specred")
     root.handlers[:] = [handler]
