@@ -41,24 +41,25 @@ def baseline_ccdproc(raw_dir: Path) -> tuple[float, dict]:
     found = discover(raw_dir)
     frames = [f for f in found.frames if f.instrument == "EFOSC2"]
     geom = get_instrument("EFOSC2").geometry(__import__("astropy.io.fits").io.fits.getheader(frames[0].path))
-    ov = "[{}:{},{}:{}]".format(geom.overscan[1].start + 1, geom.overscan[1].stop,
-                                geom.overscan[0].start + 1, geom.overscan[0].stop)
+    ov_rows = geom.overscan[0]
     tr = "[{}:{},{}:{}]".format(geom.trim_section[1].start + 1, geom.trim_section[1].stop,
                                 geom.trim_section[0].start + 1, geom.trim_section[0].stop)
 
     def basic(f):
         ccd = CCDData.read(f.path, unit="adu")
-        ccd = ccdproc.subtract_overscan(ccd, fits_section=ov, overscan_axis=0, model=None)
+        ccd = ccdproc.subtract_overscan(ccd, overscan=ccd[ov_rows, :], overscan_axis=0, median=True)
         return ccdproc.trim_image(ccd, fits_section=tr)
 
     t["discover"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bias = ccdproc.combine([basic(f) for f in frames if f.frame_type == "bias"], method="median",
                            sigma_clip=True, mem_limit=2e9)
+    bias.unit = u.adu
     t["bias"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     flats = [ccdproc.subtract_bias(basic(f), bias) for f in frames if f.frame_type == "flat"]
     flat = ccdproc.combine(flats, method="median", sigma_clip=True, scale=lambda a: 1 / np.ma.median(a))
+    flat.unit = u.adu
     t["flat"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _ = [ccdproc.subtract_bias(basic(f), bias) for f in frames if f.frame_type == "arc"]
@@ -69,7 +70,7 @@ def baseline_ccdproc(raw_dir: Path) -> tuple[float, dict]:
             continue
         t0 = time.perf_counter()
         ccd = ccdproc.ccd_process(basic(f), master_bias=bias, master_flat=flat, gain=geom.gain * u.electron / u.adu,
-                                  readnoise=geom.read_noise * u.electron, error=True)
+                                  readnoise=geom.read_noise * u.electron, error=True, gain_corrected=False)
         ccd = ccdproc.cosmicray_lacosmic(ccd, sigclip=5.0, objlim=5.0, readnoise=geom.read_noise)
         tc += time.perf_counter() - t0
         t0 = time.perf_counter()
