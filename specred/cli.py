@@ -71,11 +71,12 @@ def cmd_inspect(args) -> int:
 
 def _night_summary(res) -> str:
     t = res.table
-    lines = [f"{'target':12s} {'kind':13s} {'exptime':>7s} {'airmass':>7s} {'S/N':>6s} {'rms[px]':>7s} "
-             f"{'standard':10s} flags"]
+    lines = [f"{'target':12s} {'inst':6s} {'kind':17s} {'exptime':>7s} {'airmass':>7s} {'S/N':>6s} "
+             f"{'at [Å]':11s} {'rms[px]':>7s} {'standard':10s} flags"]
     for r in t:
-        lines.append(f"{r['target']:12s} {r['kind'] or '-':13s} {r['exptime']:7.0f} {r['airmass']:7.3f} "
-                     f"{r['snr_6000_6200']:6.1f} {r['wave_rms_px']:7.3f} {r['standard'][:10]:10s} {r['flags']}")
+        lines.append(f"{r['target']:12s} {r['instrument']:6s} {r['kind'] or '-':17s} {r['exptime']:7.0f} "
+                     f"{r['airmass']:7.3f} {r['snr']:6.1f} {r['snr_window']:11s} {r['wave_rms_px']:7.3f} "
+                     f"{r['standard'][:10]:10s} {r['flags']}")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items() if k != "total")
     lines.append(f"wall time {res.timings['total']:.1f} s ({stages})")
     for p in res.problems:

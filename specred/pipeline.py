@@ -77,6 +77,7 @@ class Calibrations:
     setup: str
     geometry: object
     tag: str
+    medium: str = "air"
     bias: CCDData | None = None
     flat: CCDData | None = None
     bad_pixels: np.ndarray | None = None
@@ -466,25 +467,28 @@ def _snr(wave, flux, sigma, mask, window) -> float:
     return float(np.median(flux[sel] / sigma[sel]))
 
 
-def calibrate_frame(fs: FrameSpectrum, cal: Calibrations, cfg: dict):
+def calibrate_frame(fs: FrameSpectrum, cal: Calibrations, cfg: dict, trans=None):
     """Flux calibration and telluric correction of one extracted frame.
 
+    ``trans`` (default ``cal.transmission``) is the telluric transmission to divide by.
     Returns (flux, variance, mask, telluric_flag) with f_λ in erg s⁻¹ cm⁻² Å⁻¹.
     """
+    trans = cal.transmission if trans is None else trans
     counts, var = fs.counts_above_slit()
     flux, fvar, mask = fluxcal.flux_calibrate(fs.wave, counts, var, fs.info.exptime, fs.info.airmass,
-                                              cal.sensitivity, medium="air", mask=fs.mask)
+                                              cal.sensitivity, medium=cal.medium, mask=fs.mask)
     corrected = np.zeros(flux.shape, bool)
-    if cfg["telluric"]["enabled"] and cal.transmission is not None:
+    if cfg["telluric"]["enabled"] and trans is not None:
         shift = 0.0
-        if cal.transmission.source == "standard":
+        if trans.source == "standard":
             try:
-                shift = telluric.cross_correlation_shift(fs.wave, np.where(mask, np.nan, flux), cal.transmission)
+                shift = telluric.cross_correlation_shift(fs.wave, np.where(mask, np.nan, flux), trans,
+                                                         medium=cal.medium)
             except (SpecredError, ValueError):
                 shift = 0.0
         flux, fvar, mask, corrected = telluric.correct_telluric(
-            fs.wave, flux, fvar, mask, cal.transmission, airmass=fs.info.airmass, shift_px=shift,
-            min_transmission=cfg["telluric"]["min_transmission"], medium="air",
+            fs.wave, flux, fvar, mask, trans, airmass=fs.info.airmass, shift_px=shift,
+            min_transmission=cfg["telluric"]["min_transmission"], medium=cal.medium,
             exponent=cfg["telluric"]["airmass_exponent"])
     return flux, fvar, mask, corrected
 
@@ -529,7 +533,8 @@ def _product_header(frames: list[FrameSpectrum], cal: Calibrations, flags: list[
     h["STANDARD"] = (cal.standard, "flux standard used")
     h["SENSRMS"] = (float(np.round(cal.sensitivity.rms_mag, 4)) if np.isfinite(cal.sensitivity.rms_mag) else -1.0,
                     "sensitivity fit RMS (mag)")
-    h["SNR6100"] = (round(float(snr), 2) if np.isfinite(snr) else -1.0, "median S/N per pixel 6000-6200 A")
+    h["SNR"] = (round(float(snr), 2) if np.isfinite(snr) else -1.0,
+                "median S/N per pixel {:.0f}-{:.0f} A".format(*cfg["snr_window"]))
     h["EXTRACT"] = (cfg["extract"]["method"], "extraction method")
     thr = [np.median(f.slit_throughput) for f in frames if f.slit_throughput is not None]
     h["SLITTHRU"] = (round(float(np.mean(thr)), 4) if thr else -1.0,
@@ -541,19 +546,21 @@ def _product_header(frames: list[FrameSpectrum], cal: Calibrations, flags: list[
 
 
 def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, cfg: dict, out: Path,
-                   kind: str) -> ReducedSpectrum:
+                   kind: str, trans=None, extra_flags=()) -> ReducedSpectrum:
     parts = []
     tell_any = np.zeros(0, bool)
     for fs in frames:
-        f, v, m, corr = calibrate_frame(fs, cal, cfg)
+        f, v, m, corr = calibrate_frame(fs, cal, cfg, trans)
         parts.append((fs.wave, f, v, m))
         tell_any = corr if tell_any.size == 0 else tell_any
     wave, flux, var, mask = parts[0] if len(parts) == 1 else _combine(parts)
+    if wave[0] > wave[-1]:       # products always have increasing wavelengths
+        wave, flux, var, mask, tell_any = (a[::-1] for a in (wave, flux, var, mask, tell_any))
     sigma = np.sqrt(np.where(np.isfinite(var) & (var > 0), var, np.nan))
     mask = mask | ~np.isfinite(flux) | ~np.isfinite(sigma)
     flux = np.where(mask, np.nan, flux)
     sigma = np.where(mask, np.nan, sigma)
-    flags = sorted(set(cal.flags + [fl for fs in frames for fl in fs.flags]))
+    flags = sorted(set(cal.flags + list(extra_flags) + [fl for fs in frames for fl in fs.flags]))
     snr = _snr(wave, flux, sigma, mask, cfg["snr_window"])
     if not np.isfinite(snr) or snr < 3:
         flags.append("LOW_SNR")
@@ -561,22 +568,24 @@ def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, 
     hdr["HIERARCH SPECRED KIND"] = kind
     hdr["HIERARCH SPECRED TELLURIC"] = (int(np.sum(tell_any)), "pixels corrected")
     safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in target)
-    path = write_spectrum(out / "spectra" / f"{safe}_EFOSC2.fits", wave, flux, sigma, mask, medium="air",
-                          header=hdr)
-    return ReducedSpectrum(target, "EFOSC2", path, wave, flux, sigma, mask, frames, flags,
-                           {"snr": snr, "kind": kind, "telluric_corrected": tell_any})
+    path = write_spectrum(out / "spectra" / f"{safe}_{cal.instrument}.fits", wave, flux, sigma, mask,
+                          medium=cal.medium, header=hdr)
+    return ReducedSpectrum(target, cal.instrument, path, wave, flux, sigma, mask, frames, flags,
+                           {"snr": snr, "kind": kind, "telluric_corrected": tell_any,
+                            "snr_window": tuple(cfg["snr_window"])})
 
 
 def _row(rs: ReducedSpectrum | None, target: str, frames, cal: Calibrations | None, flags, out: Path) -> dict:
     infos = [f.info if isinstance(f, FrameSpectrum) else f for f in frames]
     return {
-        "target": target, "instrument": "EFOSC2", "kind": rs.meta["kind"] if rs else "",
+        "target": target, "instrument": infos[0].instrument if infos else "", "kind": rs.meta["kind"] if rs else "",
         "file": str(rs.path.relative_to(out)) if rs else "",
         "raw_files": ",".join(Path(i.path).name for i in infos),
         "date_obs": infos[0].date_obs if infos else "",
         "exptime": float(sum(i.exptime for i in infos)),
         "airmass": float(np.mean([i.airmass for i in infos if i.airmass])) if infos else np.nan,
-        "snr_6000_6200": rs.meta["snr"] if rs else np.nan,
+        "snr": rs.meta["snr"] if rs else np.nan,
+        "snr_window": "{:.0f}-{:.0f}".format(*rs.meta["snr_window"]) if rs else "",
         "wave_rms_px": float(cal.wavesol.rms_px) if cal and cal.wavesol else np.nan,
         "wave_rms_aa": float(cal.wavesol.rms_aa) if cal and cal.wavesol else np.nan,
         "sky_shift_px": float(np.mean([f.shift_px for f in rs.frames])) if rs else np.nan,
@@ -640,7 +649,7 @@ def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, p
 
 
 NIGHT_COLUMNS = ("target", "instrument", "kind", "file", "raw_files", "date_obs", "exptime", "airmass",
-                 "snr_6000_6200", "wave_rms_px", "wave_rms_aa", "sky_shift_px", "n_cosmics", "standard", "flags")
+                 "snr", "snr_window", "wave_rms_px", "wave_rms_aa", "sky_shift_px", "n_cosmics", "standard", "flags")
 
 
 def reduce_night(raw, out, *, config=None, progress=None) -> NightResult:
