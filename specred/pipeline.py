@@ -1,15 +1,18 @@
 """The night reducer: discover -> group -> calibrations -> standards -> science -> products.
 
-``reduce_night(raw, out)`` reduces every EFOSC2 Grism #13 flux standard and science target
-of a night and writes
+``reduce_night(raw, out)`` reduces every EFOSC2 Grism #13 and SofI blue-grism (GB) flux
+standard, telluric standard and science target of a night (the SofI part in
+:mod:`specred.sofi_pipeline`) and writes
 
-* ``OUT/spectra/<target>_EFOSC2.fits`` — flux-calibrated, telluric-corrected 1D spectra
-  (specutils-readable without a format argument; air wavelengths, stated in the header;
-  flux, uncertainty and mask; provenance in the header);
-* ``OUT/calibrations/`` — master bias and flat, wavelength map (air Å per pixel of the
-  trimmed frame), sensitivity function and telluric transmission (ECSV);
-* ``OUT/night.ecsv`` — one row per reduced target (exposure, airmass, S/N at 6000–6200 Å,
-  wavelength RMS, standard used, flags).
+* ``OUT/spectra/<target>_<INSTRUMENT>.fits`` — flux-calibrated, telluric-corrected 1D
+  spectra (specutils-readable without a format argument; flux, uncertainty and mask;
+  wavelengths in air for EFOSC2 (WCS ``AWAV``), in vacuum for SofI (``WAVE``), stated in
+  ``WAVEMED``; provenance in the header);
+* ``OUT/calibrations/`` — master bias and flat, wavelength map (Å per pixel of the
+  trimmed frame, ``WAVEMED`` AIR/VACUUM), sensitivity function and telluric transmission
+  (ECSV);
+* ``OUT/night.ecsv`` — one row per reduced target (exposure, airmass, S/N at 6000–6200 Å
+  for EFOSC2 and 12000–12200 Å for SofI, wavelength RMS, standard used, flags).
 
 Only :mod:`specred.instruments` reads headers; the algorithms in :mod:`specred.reduce` work
 on arrays.  Nothing is lost silently: a frame that cannot be reduced gets a row with the
@@ -25,7 +28,16 @@ Flags
 ``NO_STANDARD``   no usable flux standard: nominal sensitivity from ``calib/``.
 ``TELLURIC_MODEL`` telluric transmission from the model in ``calib/``, not measured.
 ``NO_SKY_ZEROPOINT`` the sky lines were too weak to check the wavelength zero point.
-``LOW_SNR``       S/N at 6000–6200 Å below 3.
+``LOW_SNR``       S/N in the instrument's window below 3.
+``ABBA_INCOMPLETE`` (SofI) a nod frame had no consecutive partner; paired with the
+                  nearest frame of the other position.
+``TELLURIC_NEAREST_AIRMASS`` (SofI) no telluric star observed right after the target;
+                  the one of the night nearest in airmass was used.
+``NO_TELLURIC``   (SofI) no telluric star at all: not telluric-corrected.
+``FLUX_FROM_TELLURIC`` (SofI) no spectrophotometric standard: flux scale from the A0V
+                  telluric star's V magnitude and the Vega model.
+``TRACE_FROM_REFERENCE`` (SofI) target too faint to trace: the telluric star's trace,
+                  moved to the target's expected column, defines the aperture.
 ``FAILED: ...``   the frame could not be reduced (reason follows).
 """
 from __future__ import annotations
@@ -78,6 +90,7 @@ class Calibrations:
     geometry: object
     tag: str
     medium: str = "air"
+    lsf_fwhm_aa: float = float("nan")
     bias: CCDData | None = None
     flat: CCDData | None = None
     bad_pixels: np.ndarray | None = None
@@ -320,6 +333,50 @@ def sky_zero_point(rows: np.ndarray, wave: np.ndarray, sky1d: np.ndarray, lines=
     return float(np.median(offs))
 
 
+def sky_shift_xcorr(rows: np.ndarray, wave: np.ndarray, sky1d: np.ndarray, line_wave, line_flux,
+                    fwhm_aa: float, max_shift: float = 5.0, step: float = 0.05) -> float | None:
+    """Zero-point offset (rows) from the cross-correlation of a sky spectrum with a model of
+    its emission lines (e.g. the near-IR OH forest, where few lines are isolated).
+
+    The model is the line list convolved with a Gaussian of ``fwhm_aa``; both spectra are
+    high-pass filtered (running median of 4 FWHM removed) and the normalised
+    cross-correlation is maximised over shifts ``s`` of ``model(λ(row − s))``, refined by a
+    parabola.  Same sign convention as :func:`sky_zero_point`.  None when the peak is at
+    the edge of the search or the correlation is below 0.3.
+    """
+    from scipy.ndimage import median_filter
+
+    good = np.isfinite(sky1d) & np.isfinite(wave)
+    if good.sum() < 50:
+        return None
+    lw = np.asarray(line_wave, float)
+    lf = np.asarray(line_flux, float)
+    disp = float(np.median(np.abs(np.diff(wave))))
+    fine = np.arange(np.nanmin(wave) - 10 * fwhm_aa, np.nanmax(wave) + 10 * fwhm_aa, disp / 10)
+    model = np.zeros_like(fine)
+    sel = (lw > fine[0]) & (lw < fine[-1])
+    idx = np.clip(np.searchsorted(fine, lw[sel]), 0, len(fine) - 1)
+    np.add.at(model, idx, lf[sel])
+    model = gaussian_filter1d(model, fwhm_aa / 2.3548 / (disp / 10))
+    width = int(4 * fwhm_aa / disp) | 1
+    model = model - median_filter(model, 10 * width, mode="nearest")       # same high-pass, fine grid
+    obs = np.where(good, sky1d, np.nanmedian(sky1d))
+    obs = obs - median_filter(obs, width, mode="nearest")
+    a = obs[good] - obs[good].mean()
+    shifts = np.arange(-max_shift, max_shift + step / 2, step)
+    cc = np.empty(len(shifts))
+    for k, sft in enumerate(shifts):
+        m = np.interp(np.interp(rows - sft, rows, wave), fine, model)[good]
+        b = m - m.mean()
+        cc[k] = np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b) + 1e-300)
+    k = int(np.argmax(cc))
+    if k == 0 or k == len(cc) - 1 or cc[k] < 0.3:
+        return None
+    den = cc[k - 1] - 2 * cc[k] + cc[k + 1]
+    frac = 0.5 * (cc[k - 1] - cc[k + 1]) / den if den < 0 else 0.0
+    return float(shifts[k] + frac * step)
+
+
 def extract_frame(info, cal: Calibrations, cfg: dict, *, expected_x: float | None = None,
                   stage=None) -> FrameSpectrum:
     """Bias, cosmics, flat, trace, sky, extraction and wavelengths of one EFOSC2 frame.
@@ -522,7 +579,8 @@ def _product_header(frames: list[FrameSpectrum], cal: Calibrations, flags: list[
     h["GRISM"] = (info.grism or "", "grism")
     h["FILTER"] = (info.filter or "", "filter")
     h["SLIT"] = (info.slit or "", "slit")
-    h["EXPTIME"] = (float(sum(f.info.exptime for f in frames)), "total exposure time (s)")
+    h["EXPTIME"] = (float(sum(getattr(f, "total_exptime", f.info.exptime) for f in frames)),
+                    "total exposure time (s)")
     h["NCOMBINE"] = (len(frames), "exposures combined")
     h["AIRMASS"] = (round(float(np.mean([f.info.airmass for f in frames])), 4), "mean airmass")
     h["WAVERMS"] = (float(np.round(cal.wavesol.rms_px, 4)) if np.isfinite(cal.wavesol.rms_px) else -1.0,
@@ -575,14 +633,15 @@ def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, 
                             "snr_window": tuple(cfg["snr_window"])})
 
 
-def _row(rs: ReducedSpectrum | None, target: str, frames, cal: Calibrations | None, flags, out: Path) -> dict:
+def _row(rs: ReducedSpectrum | None, target: str, frames, cal: Calibrations | None, flags, out: Path,
+         kind: str = "") -> dict:
     infos = [f.info if isinstance(f, FrameSpectrum) else f for f in frames]
     return {
-        "target": target, "instrument": infos[0].instrument if infos else "", "kind": rs.meta["kind"] if rs else "",
+        "target": target, "instrument": infos[0].instrument if infos else "", "kind": rs.meta["kind"] if rs else kind,
         "file": str(rs.path.relative_to(out)) if rs else "",
         "raw_files": ",".join(Path(i.path).name for i in infos),
         "date_obs": infos[0].date_obs if infos else "",
-        "exptime": float(sum(i.exptime for i in infos)),
+        "exptime": float(sum(i.exptime * (i.ndit or 1 if i.instrument == "SOFI" else 1) for i in infos)),
         "airmass": float(np.mean([i.airmass for i in infos if i.airmass])) if infos else np.nan,
         "snr": rs.meta["snr"] if rs else np.nan,
         "snr_window": "{:.0f}-{:.0f}".format(*rs.meta["snr_window"]) if rs else "",
@@ -607,7 +666,7 @@ def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, p
             std_frames.append(extract_frame(info, cal, cfg, stage=stage))
         except SpecredError as exc:
             log.warning("%s", exc)
-            rows.append(_row(None, info.object, [info], cal, [f"FAILED: {exc}"], out))
+            rows.append(_row(None, info.object, [info], cal, [f"FAILED: {exc}"], out, kind="flux_standard"))
     with stage("fluxcal"):
         calibrate_with_standards(cal, std_frames, cfg)
         caldir = out / "calibrations"
@@ -637,7 +696,7 @@ def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, p
                 frames.append(extract_frame(info, cal, cfg, stage=stage))
             except SpecredError as exc:
                 log.warning("%s", exc)
-                rows.append(_row(None, target, [info], cal, [f"FAILED: {exc}"], out))
+                rows.append(_row(None, target, [info], cal, [f"FAILED: {exc}"], out, kind="science"))
         if not frames:
             continue
         with stage("fluxcal"):
@@ -689,10 +748,21 @@ def reduce_night(raw, out, *, config=None, progress=None) -> NightResult:
         kinds = set(group) - {"bias"}
         if not kinds:
             continue
-        if inst != "EFOSC2":
-            msg = f"{inst} set-up {setup} on {night}: not reduced by this command yet ({len(sum(group.values(), []))} frames)"
+        if inst == "SOFI" and not setup.startswith("GB/"):
+            msg = f"SOFI set-up {setup} on {night}: only the blue grism (GB) is supported; frames skipped"
             log.warning("%s", msg)
             problems.append(msg)
+            continue
+        if inst == "SOFI":
+            if not (group.get("science") or group.get("flux_standard") or group.get("telluric_standard")):
+                continue
+            from .sofi_pipeline import reduce_sofi_setup
+
+            n_setups += 1
+            s, r, c = reduce_sofi_setup(key, group, load_config("SOFI", config), out, timings)
+            spectra += s
+            rows += r
+            cals.append(c)
             continue
         if not setup.startswith("Gr#13/"):
             msg = f"EFOSC2 set-up {setup} on {night}: only Grism #13 is supported; frames skipped"
@@ -707,7 +777,7 @@ def reduce_night(raw, out, *, config=None, progress=None) -> NightResult:
         rows += r
         cals.append(c)
     if n_setups == 0:
-        raise SpecredError(f"{raw}: no EFOSC2 Grism #13 science or standard frames to reduce"
+        raise SpecredError(f"{raw}: no EFOSC2 Grism #13 or SofI GB science or standard frames to reduce"
                            + (f" ({len(problems)} file(s) skipped, first: {problems[0]})" if problems else ""))
     table = Table(rows=[[r[c] for c in NIGHT_COLUMNS] for r in rows], names=NIGHT_COLUMNS) if rows else \
         Table(names=NIGHT_COLUMNS)
