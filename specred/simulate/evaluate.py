@@ -199,3 +199,50 @@ def cosmic_ray_recovery(truth: Truth, fs, c0: int, r0: int = 0, nsigma: float = 
     if not strong.any():
         return float("nan"), 0
     return float(np.mean(fs.rejected[y[strong], x[strong]])), int(strong.sum())
+
+
+@dataclass
+class SofiScore:
+    zero_point_aa: float
+    flux_mad: float
+    flux_level: float
+    hydrogen_residual: dict
+    oh_residual: float
+
+
+def evaluate_sofi_spectrum(truth: Truth, rs, c0: int = 29, bin_px: int = 20,
+                           min_transmission: float = 0.2) -> SofiScore:
+    """Score a reduced SofI target against truth: wavelength zero point (vacuum Å), binned
+    continuum ratio (outside masked pixels and where the telluric transmission is above
+    0.8), absolute level, and the residual left by the A0V star's Paβ/Paγ lines (flux/truth
+    within ±1 LSF FWHM of the line over the same beside it)."""
+    fs = rs.frames[0]
+    name = Path(fs.info.path).name
+    lam_fs = truth.wavelength("SOFI", name, fs.rows, fs.x + c0)
+    zp = float(np.median((fs.wave - lam_fs)[~fs.mask]))
+    flip = fs.wave[0] > fs.wave[-1]
+    lam_true = lam_fs[::-1] if flip else lam_fs
+    ts = truth.spectrum(rs.target, "SOFI")
+    fwhm = float(truth.optics["SOFI"]["lsf_fwhm_px"])
+    tp = truth_on_pixels(np.asarray(ts["wavelength"], float), np.asarray(ts["flux"], float), lam_true, fwhm)
+    good = ~rs.mask & np.isfinite(rs.flux) & (tp > 0)
+    tmodel = calib.telluric_transmission(rs.wave, airmass=float(fs.info.airmass), medium="vacuum")
+    tmodel = gaussian_filter1d(tmodel, fwhm)
+    sel = good & (tmodel > 0.8) & (rs.wave > 9700) & (rs.wave < 16200)
+    ratio = rs.flux / tp
+    level = float(np.median(ratio[sel]))
+    idx = np.flatnonzero(sel)
+    nb = len(idx) // bin_px
+    rb = np.array([np.sum(rs.flux[idx[i * bin_px:(i + 1) * bin_px]]) / np.sum(tp[idx[i * bin_px:(i + 1) * bin_px]])
+                   for i in range(nb)])
+    mad = float(np.median(np.abs(rb / level - 1.0)))
+    hres = {}
+    disp = float(np.median(np.abs(np.diff(rs.wave))))
+    for label, lam in (("Pabeta", 12821.59), ("Pagamma", 10941.09)):
+        core = good & (np.abs(rs.wave - lam) < fwhm * disp)
+        side = good & (np.abs(rs.wave - lam) > 2 * fwhm * disp) & (np.abs(rs.wave - lam) < 6 * fwhm * disp)
+        if core.sum() >= 2 and side.sum() >= 4:
+            r = (np.sum(rs.flux[core]) / np.sum(tp[core])) / (np.sum(rs.flux[side]) / np.sum(tp[side])) - 1.0
+            noise = np.sqrt(np.sum(rs.sigma[core] ** 2)) / np.sum(rs.flux[core])
+            hres[label] = (float(r), float(noise))
+    return SofiScore(zp, mad, level, hres, float(getattr(fs, "oh_residual", np.nan)))
