@@ -144,3 +144,30 @@ def test_grism_change_mid_sequence_is_reported(night, tmp_path):
     res = reduce_night(raw, tmp_path / "red")
     assert any("GR/" in p and "blue grism" in p for p in res.problems), res.problems
     assert sci["object"][0] in set(res.table["target"])
+
+
+def test_no_flux_standard_calibrates_from_the_telluric_star(night, tmp_path):
+    """Without a spectrophotometric standard the A0V star's V magnitude and the Vega model
+    set the flux scale (flagged); bright targets still land within 10 % of truth."""
+    raw, frames = _copy(night, tmp_path, lambda f: f["type"] != "flux_standard")
+    res = reduce_night(raw, tmp_path / "red")
+    truth = Truth(night)
+    f12 = {str(r["object_id"]): float(r["f12100"]) for r in truth.targets}
+    science = [rs for rs in res.spectra if rs.meta["kind"] == "science"]
+    assert sorted(rs.target for rs in science) == sorted(set(frames["object"][frames["type"] == "science"]))
+    assert all("FLUX_FROM_TELLURIC" in rs.flags for rs in science)
+    levels = {rs.target: evaluate_sofi_spectrum(truth, rs).flux_level for rs in science if f12[rs.target] > 5e-18}
+    assert levels and all(abs(v - 1.0) <= 0.10 for v in levels.values()), levels
+
+
+def test_sequence_at_one_nod_position_is_reported_and_the_rest_reduces(night, tmp_path):
+    frames = Table.read(night / "truth" / "frames.ecsv")
+    sci = frames[frames["type"] == "science"]
+    first = sci["object"][0]
+    gone = set(sci["file"][(sci["object"] == first) & (sci["nod"] == "B")])
+    raw, _ = _copy(night, tmp_path, lambda f: f["file"] not in gone)
+    res = reduce_night(raw, tmp_path / "red")
+    row = [r for r in res.table if r["target"] == first][0]
+    assert row["kind"] == "science" and "FAILED" in row["flags"] and "no A-B pair" in row["flags"], row["flags"]
+    others = set(sci["object"]) - {first}
+    assert others <= {rs.target for rs in res.spectra}
