@@ -99,7 +99,7 @@ def cmd_wavecal(args) -> int:
 
     sol = wavecal_file(args.arc, args.out, instrument=args.instrument)
     lo, hi = float(sol.map().min()), float(sol.map().max())
-    print(f"{Path(args.arc).name}: {sol.n_lines} lines, RMS {sol.rms_px:.3f} px = {sol.rms_aa:.3f} Å (air), "
+    print(f"{Path(args.arc).name}: {sol.n_lines} lines, RMS {sol.rms_px:.3f} px = {sol.rms_aa:.3f} Å ({sol.medium}), "
           f"{lo:.0f}-{hi:.0f} Å" + (f"; map written to {args.out}" if args.out else ""))
     return 0
 
@@ -118,7 +118,7 @@ def cmd_demo(args) -> int:
     print(inspect_report(discover(out / "raw")))
     from .pipeline import reduce_night
 
-    print(f"\nreducing the EFOSC2 night into {out / 'reduced'}/ ...")
+    print(f"\nreducing the night (EFOSC2 and SofI) into {out / 'reduced'}/ ...")
     red = reduce_night(out / "raw", out / "reduced")
     print(_night_summary(red))
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
@@ -145,10 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("raw", help="folder with raw FITS files (searched recursively)")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("reduce", help="reduce a night of EFOSC2 Gr#13 spectra to flux-calibrated 1D spectra")
+    s = sub.add_parser("reduce", help="reduce a night of EFOSC2 Gr#13 and SofI blue-grism spectra to flux-calibrated 1D spectra")
     s.add_argument("raw", help="folder with raw FITS files (searched recursively)")
     s.add_argument("--out", required=True, help="output folder (spectra/, calibrations/, night.ecsv)")
-    s.add_argument("--config", default=None, help="YAML file overriding pipelines/efosc2_gr13.yaml")
+    s.add_argument("--config", default=None, help="YAML file overriding pipelines/efosc2_gr13.yaml / sofi_gb.yaml "
+                   "(top level: the parameters, or efosc2:/sofi: sections)")
     s.set_defaults(func=cmd_reduce)
 
     s = sub.add_parser("wavecal", help="wavelength-calibrate one arc frame and write its wavelength map")

@@ -468,7 +468,7 @@ def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict):
     tell_list = [(t[0], t[1]) for t in tells]
     # flux standard: telluric-corrected with the nearest star, then the sensitivity
     with stage("fluxcal"):
-        std_done = None
+        std_done, std_trans = None, None
         for seq in _sequences(group.get("flux_standard", [])):
             star = calib.find_standard(seq[0].ra, seq[0].dec, name=seq[0].object)
             if star is None or star.kind != "flux" or not star.flux_file:
@@ -485,7 +485,8 @@ def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict):
             counts, var = fs.counts_above_slit()
             mask = fs.mask
             if tell_list:
-                tr = min(tell_list, key=lambda t: abs(t[0] - fs.info.mjd))[1]
+                # a standard needs no star of its own: the one observed nearest in time
+                tr = std_trans = min(tell_list, key=lambda t: abs(t[0] - fs.info.mjd))[1]
                 counts, var, mask, _ = telluric.correct_telluric(fs.wave, counts, var, mask, tr,
                                                                  airmass=fs.info.airmass, medium="vacuum",
                                                                  min_transmission=cfg["telluric"]["min_transmission"])
@@ -523,8 +524,8 @@ def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict):
     if std_done is not None:
         fs = std_done[0]
         with stage("fluxcal"):
-            tr, _ = _telluric_for(std_done[2], tell_list)
-            rs = _reduce_target(fs.info.object, [fs], cal, cfg, out, "flux_standard", trans=tr)
+            rs = _reduce_target(fs.info.object, [fs], cal, cfg, out, "flux_standard", trans=std_trans,
+                                extra_flags=[] if std_trans is not None else ["NO_TELLURIC"])
         spectra.append(rs)
         rows.append(_row(rs, rs.target, std_done[2], cal, rs.flags, out))
     for _, trans, fs, seq in tells:

@@ -466,7 +466,8 @@ def cross_correlation_shift(wave, spectrum, trans: Transmission, *, bands: _Band
         Shift in pixels, with the sign convention of :func:`transmission_on_grid`
         (positive: the spectrum's features lie at larger pixel indices than ``trans``'s);
         pass it as ``shift_px`` to :func:`correct_telluric`.  0.0 (with a warning) when
-        no usable band exists.
+        no usable band exists or the correlation maximum lies on the edge of the search
+        range (no real peak).
     """
     w = _as_angstrom(wave)
     f = np.asarray(spectrum, dtype=float)
@@ -526,7 +527,11 @@ def cross_correlation_shift(wave, spectrum, trans: Transmission, *, bands: _Band
         if den < 0:
             best += 0.5 * (y0 - y2) / den / oversample
     else:
-        log.warning("cross_correlation_shift: best shift at the edge of the search range (%.2f px)", best)
+        # the maximum sits on the edge of the range: no real correlation peak was found
+        # (weak bands, noise); an edge value would be an arbitrary shift, so none is applied
+        log.warning("cross_correlation_shift: no correlation peak within ±%.1f px (maximum at the edge); shift 0",
+                    max_shift_px)
+        return 0.0
     log.info("telluric shift: %.3f px (%d bands)", best, nb)
     return best
 

@@ -1,0 +1,35 @@
+"""`specred reduce` on a night with both instruments: one command, one table, both media."""
+from __future__ import annotations
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from specred.cli import main
+from specred.simulate import simulate_night
+
+
+def test_cli_reduces_a_night_of_both_instruments(tmp_path, capsys):
+    simulate_night(tmp_path, night="2018-12-05", instrument="both", seed=2)
+    truth = Table.read(tmp_path / "truth" / "frames.ecsv")
+    assert main(["reduce", str(tmp_path / "raw"), "--out", str(tmp_path / "red")]) == 0
+    printed = capsys.readouterr().out
+    tab = Table.read(tmp_path / "red" / "night.ecsv")
+    assert set(tab["instrument"]) == {"EFOSC2", "SOFI"}
+    for inst, window, medium, ctype in (("EFOSC2", "6000-6200", "AIR", "AWAV"),
+                                        ("SOFI", "12000-12200", "VACUUM", "WAVE")):
+        rows = tab[(tab["instrument"] == inst) & (tab["kind"] == "science")]
+        expected = set(truth["object"][(truth["instrument"] == inst) & (truth["type"] == "science")])
+        assert set(rows["target"]) == expected and len(expected) > 0
+        assert all(w == window for w in rows["snr_window"])
+        for r in rows:
+            assert r["target"] in printed
+            path = tmp_path / "red" / r["file"]
+            assert fits.getheader(path)["WAVEMED"] == medium
+            assert fits.getheader(path, 1)["TCTYP1"] == ctype
+            w = fits.getdata(path, 1)["wavelength"]
+            assert np.all(np.diff(w) > 0)
+    # every frame of the night is accounted for: products list their raw files
+    used = {f for s in tab["raw_files"] for f in s.split(",")}
+    sci = truth[np.isin(truth["type"], ["science"])]
+    assert set(sci["file"]) <= used
