@@ -43,3 +43,11 @@ def pipeline_path(name: str) -> Path:
     if not p.exists():
         raise SpecredError(f"pipeline recipe pipelines/{name} is missing from the installation")
     return p
+
+
+def example_path(name: str) -> Path:
+    """Path of a file in ``examples/`` (e.g. the programme's ``targets.ecsv``)."""
+    p = _data_dir("specred.examples_data", "examples") / name
+    if not p.exists():
+        raise SpecredError(f"example file examples/{name} is missing from the installation")
+    return p
