@@ -88,9 +88,12 @@ def cmd_reduce(args) -> int:
     from .pipeline import reduce_night
     from .progress import progress
 
-    res = reduce_night(args.raw, args.out, config=args.config)
+    res = reduce_night(args.raw, args.out, config=args.config, targets=args.targets, force=args.force,
+                       report=not args.no_report, progress=progress)
     print(_night_summary(res))
-    print(f"products in {Path(args.out) / 'spectra'}, night table {Path(args.out) / 'night.ecsv'}")
+    out = Path(args.out)
+    print(f"products in {out / 'spectra'}, night table {out / 'night.ecsv'}, log {out / 'specred.log'}"
+          + (f", report {out / 'report.html'}" if (out / "report.html").exists() and not args.no_report else ""))
     return 0
 
 
@@ -119,7 +122,7 @@ def cmd_demo(args) -> int:
     from .pipeline import reduce_night
 
     print(f"\nreducing the night (EFOSC2 and SofI) into {out / 'reduced'}/ ...")
-    red = reduce_night(out / "raw", out / "reduced")
+    red = reduce_night(out / "raw", out / "reduced", progress=progress)
     print(_night_summary(red))
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -150,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (spectra/, calibrations/, night.ecsv)")
     s.add_argument("--config", default=None, help="YAML file overriding pipelines/efosc2_gr13.yaml / sofi_gb.yaml "
                    "(top level: the parameters, or efosc2:/sofi: sections)")
+    s.add_argument("--targets", default=None,
+                   help="target list (ECSV/CSV with id, ra, dec[, z]) to name spectra by position; "
+                        "default: the programme's examples/targets.ecsv")
+    s.add_argument("--force", action="store_true", help="redo every set-up even if its products are up to date")
+    s.add_argument("--no-report", action="store_true", help="skip report.html and the QC plots")
     s.set_defaults(func=cmd_reduce)
 
     s = sub.add_parser("wavecal", help="wavelength-calibrate one arc frame and write its wavelength map")

@@ -11,6 +11,13 @@ from pathlib import Path
 from .errors import SpecredError
 
 
+def _file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp uses 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
@@ -28,6 +35,7 @@ def atomic_path(path):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -102,6 +102,7 @@ class Calibrations:
     flags: list[str] = field(default_factory=list)
     files: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    catalog: object | None = None          # TargetList: science spectra named after its ids
 
 
 @dataclass
@@ -581,7 +582,8 @@ def _product_header(frames: list[FrameSpectrum], cal: Calibrations, flags: list[
     h["SLIT"] = (info.slit or "", "slit")
     h["EXPTIME"] = (float(sum(getattr(f, "total_exptime", f.info.exptime) for f in frames)),
                     "total exposure time (s)")
-    h["NCOMBINE"] = (len(frames), "exposures combined")
+    raw = [i for f in frames for i in getattr(f, "raw_infos", [f.info])]
+    h["NCOMBINE"] = (len(raw), "raw exposures combined")
     h["AIRMASS"] = (round(float(np.mean([f.info.airmass for f in frames])), 4), "mean airmass")
     h["WAVERMS"] = (float(np.round(cal.wavesol.rms_px, 4)) if np.isfinite(cal.wavesol.rms_px) else -1.0,
                     "arc solution RMS (pixels)")
@@ -599,16 +601,27 @@ def _product_header(frames: list[FrameSpectrum], cal: Calibrations, flags: list[
                      "slit transmission corrected (-1 none)")
     h["FLAGS"] = (",".join(flags) or "OK", "reduction flags")
     h["HIERARCH SPECRED MASK"] = "True = bad or no data"
-    _provenance(h, [f.info.path for f in frames], cal.files, cfg)
+    _provenance(h, [i.path for i in raw], cal.files, cfg)
     return h
 
 
+def target_name(info, cal: Calibrations):
+    """(name, match): the catalogue id of the target list entry nearest the pointing (within
+    its radius) or, unmatched, the OBJECT keyword."""
+    m = cal.catalog.match(info.ra, info.dec) if cal.catalog is not None else None
+    return (m.id if m else info.object), m
+
+
 def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, cfg: dict, out: Path,
-                   kind: str, trans=None, extra_flags=()) -> ReducedSpectrum:
+                   kind: str, trans=None, extra_flags=(), match=None) -> ReducedSpectrum:
+    """Flux-calibrate, telluric-correct and combine the frames of one target; write the product.
+
+    ``trans``: one telluric transmission for all frames, or a list (one per frame)."""
     parts = []
     tell_any = np.zeros(0, bool)
-    for fs in frames:
-        f, v, m, corr = calibrate_frame(fs, cal, cfg, trans)
+    transs = trans if isinstance(trans, list) else [trans] * len(frames)
+    for fs, tr in zip(frames, transs):
+        f, v, m, corr = calibrate_frame(fs, cal, cfg, tr)
         parts.append((fs.wave, f, v, m))
         tell_any = corr if tell_any.size == 0 else tell_any
     wave, flux, var, mask = parts[0] if len(parts) == 1 else _combine(parts)
@@ -625,12 +638,17 @@ def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, 
     hdr = _product_header(frames, cal, flags, snr, cfg)
     hdr["HIERARCH SPECRED KIND"] = kind
     hdr["HIERARCH SPECRED TELLURIC"] = (int(np.sum(tell_any)), "pixels corrected")
+    if match is not None:
+        hdr["HIERARCH SPECRED CATID"] = (match.id, "target-list id (matched by position)")
+        hdr["HIERARCH SPECRED CATSEP"] = (round(match.sep_arcsec, 2), "[arcsec] pointing - target list")
+        if np.isfinite(match.z):
+            hdr["HIERARCH SPECRED ZCAT"] = (match.z, "catalogue redshift (target list)")
     safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in target)
     path = write_spectrum(out / "spectra" / f"{safe}_{cal.instrument}.fits", wave, flux, sigma, mask,
                           medium=cal.medium, header=hdr)
     return ReducedSpectrum(target, cal.instrument, path, wave, flux, sigma, mask, frames, flags,
                            {"snr": snr, "kind": kind, "telluric_corrected": tell_any,
-                            "snr_window": tuple(cfg["snr_window"])})
+                            "snr_window": tuple(cfg["snr_window"]), "match": match})
 
 
 def _row(rs: ReducedSpectrum | None, target: str, frames, cal: Calibrations | None, flags, out: Path,
@@ -651,13 +669,17 @@ def _row(rs: ReducedSpectrum | None, target: str, frames, cal: Calibrations | No
         "n_cosmics": int(sum(f.n_cosmics for f in rs.frames)) if rs else 0,
         "standard": cal.standard if cal else "",
         "flags": ",".join(flags) or "OK",
+        "match_id": m.id if (m := (rs.meta.get("match") if rs else None)) else "",
+        "match_sep_arcsec": m.sep_arcsec if m else np.nan,
+        "z_cat": m.z if m else np.nan,
     }
 
 
-def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, progress=None):
+def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, progress=None, catalog=None):
     """Reduce one EFOSC2 Gr#13 set-up of one night; returns (spectra, rows, calibrations)."""
     stage = _Stage(timings)
     cal = efosc2_calibrations(group, cfg, out, key, stage)
+    cal.catalog = catalog
     spectra, rows = [], []
     # flux standards first: they calibrate the science
     std_frames = []
@@ -685,8 +707,10 @@ def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, p
         spectra.append(rs)
         rows.append(_row(rs, rs.target, rs.frames, cal, rs.flags, out))
     by_target: dict[str, list] = {}
-    for info in group.get("science", []):
-        by_target.setdefault(info.object, []).append(info)
+    matches = {}
+    for info in group.get("science", []):           # repeated exposures of a target combine
+        name, matches[info.path] = target_name(info, cal)
+        by_target.setdefault(name, []).append(info)
     items = list(by_target.items())
     it = items if progress is None else progress(items, desc="EFOSC2 targets", unit="target")
     for target, infos in it:
@@ -700,7 +724,7 @@ def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, p
         if not frames:
             continue
         with stage("fluxcal"):
-            rs = _reduce_target(target, frames, cal, cfg, out, "science")
+            rs = _reduce_target(target, frames, cal, cfg, out, "science", match=matches[infos[0].path])
         spectra.append(rs)
         rows.append(_row(rs, target, frames, cal, rs.flags, out))
         log.info("%s: S/N %.1f at 6000-6200 Å -> %s", target, rs.meta["snr"], rs.path.name)
@@ -708,41 +732,201 @@ def reduce_efosc2_setup(key, group: dict, cfg: dict, out: Path, timings: dict, p
 
 
 NIGHT_COLUMNS = ("target", "instrument", "kind", "file", "raw_files", "date_obs", "exptime", "airmass",
-                 "snr", "snr_window", "wave_rms_px", "wave_rms_aa", "sky_shift_px", "n_cosmics", "standard", "flags")
+                 "snr", "snr_window", "wave_rms_px", "wave_rms_aa", "sky_shift_px", "n_cosmics", "standard", "flags",
+                 "match_id", "match_sep_arcsec", "z_cat")
 
 
-def reduce_night(raw, out, *, config=None, progress=None) -> NightResult:
-    """Reduce every EFOSC2 Gr#13 flux standard and science target found under ``raw``.
+def _setup_state(key, group: dict, cfg: dict, catalog) -> str:
+    """Fingerprint of everything a set-up's products depend on: specred version, parameters,
+    target list and the content (sha256) of every input frame."""
+    files = sorted({(Path(f.path).name, sha256(f.path)) for fr in group.values() for f in fr})
+    blob = json.dumps({"version": __version__, "key": list(key), "cfg": cfg, "files": files,
+                       "targets": catalog.fingerprint() if catalog is not None else None}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _state_path(out: Path, key) -> Path:
+    name = "_".join("".join(c if c.isalnum() else "_" for c in str(k)) for k in key)
+    return out / ".specred" / f"{name}.json"
+
+
+def _reuse(out: Path, key, state: str):
+    """Rows and spectra of a set-up whose products are up to date, or None.
+
+    Up to date: the state file written after the set-up's last product has the same
+    fingerprint, and every product it lists exists with the recorded checksum."""
+    p = _state_path(out, key)
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("state") != state:
+        return None
+    for rel, digest in rec.get("products", {}).items():
+        f = out / rel
+        if not f.exists() or sha256(f) != digest:
+            return None
+    from .spectrum_io import read_spectrum
+
+    spectra = []
+    for r in rec["rows"]:
+        if not r["file"]:
+            continue
+        spec, medium = read_spectrum(out / r["file"])
+        flux = np.asarray(spec.flux.value, float)
+        sig = np.asarray(spec.uncertainty.array, float) if spec.uncertainty is not None else np.full(flux.size, np.nan)
+        lo, hi = (float(v) for v in r["snr_window"].split("-")) if r["snr_window"] else (np.nan, np.nan)
+        spectra.append(ReducedSpectrum(r["target"], r["instrument"], out / r["file"],
+                                       np.asarray(spec.spectral_axis.value, float), flux, sig,
+                                       np.asarray(spec.mask, bool), [], [f for f in r["flags"].split(",") if f != "OK"],
+                                       {"snr": r["snr"], "kind": r["kind"], "snr_window": (lo, hi),
+                                        "match": None, "reused": True}))
+    rows = [{k: (np.nan if v is None else v) for k, v in r.items()} for r in rec["rows"]]
+    return rows, spectra
+
+
+def _save_state(out: Path, key, state: str, rows: list[dict], cal: Calibrations | None) -> None:
+    """Record a finished set-up (written last, atomically: a run killed before this point
+    redoes the set-up)."""
+    prods = {r["file"] for r in rows if r["file"]}
+    if cal is not None:
+        prods |= {f"calibrations/{v}" for v in cal.files.values()}
+    prods = {rel: sha256(out / rel) for rel in sorted(prods) if (out / rel).exists()}
+
+    def clean(v):
+        if isinstance(v, (np.floating, float)):
+            return None if not np.isfinite(v) else float(v)
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    rec = {"state": state, "key": list(key), "products": prods,
+           "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}
+    from .io import atomic_write_text
+
+    p = _state_path(out, key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(rec, indent=1, sort_keys=True), p)
+
+
+def _check_output(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".specred_write_test_{__import__('os').getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise SpecredError(f"cannot write to the output folder {out}: {exc.strerror or exc}") from exc
+    # temporary files of a run that was killed while writing (see specred.io.atomic_path)
+    for part in out.glob("**/.*.part"):
+        part.unlink(missing_ok=True)
+
+
+def _frames_table(found, used: set) -> Table:
+    rows = []
+    for f in found.frames:
+        rows.append((str(f.path), f.instrument, f.night or "", f.setup or "", f.frame_type, f.object or "",
+                     float(f.exptime or np.nan), float(f.airmass or np.nan), f.date_obs or "",
+                     f.path in used, "; ".join(f.problems)))
+    for path, why in found.problems:
+        rows.append((str(path), "", "", "", "unusable", "", np.nan, np.nan, "", False, why))
+    names = ("file", "instrument", "night", "setup", "type", "object", "exptime", "airmass", "date_obs", "used",
+             "problem")
+    t = Table(rows=rows, names=names) if rows else Table(names=names)
+    t["exptime"].unit = "s"
+    t.meta["description"] = "every file found under the raw folder; used = part of a reduced set-up"
+    return t
+
+
+def reduce_night(raw, out, *, config=None, targets=None, force: bool = False, report: bool = True,
+                 progress=None) -> NightResult:
+    """Reduce every EFOSC2 Gr#13 and SofI GB standard and science target found under ``raw``.
 
     Parameters
     ----------
     raw : path
-        Folder (searched recursively) or single FITS file of raw ESO frames.
+        Folder (searched recursively; ``.fits``, ``.fits.gz``, ``.fits.Z``) or single FITS file
+        of raw ESO frames.  Raw files are only read, never modified.
     out : path
         Output folder (created).
     config : path or dict, optional
-        User parameters overriding ``pipelines/efosc2_gr13.yaml``.
+        User parameters overriding ``pipelines/efosc2_gr13.yaml`` / ``sofi_gb.yaml``.
+    targets : path or TargetList, optional
+        Target list (ECSV/CSV with id, ra, dec[, z]); science spectra matched by position are
+        named after its ids.  Default: the programme's ``examples/targets.ecsv``.
+    force : bool
+        Redo every set-up.  By default a set-up whose products are up to date (same inputs,
+        parameters, target list and specred version; products unchanged) is reused.
+    report : bool
+        Write ``OUT/report.html`` and the QC plots in ``OUT/qc/``.
     progress : callable, optional
         ``progress(iterable, desc=, unit=)`` wrapper (see :mod:`specred.progress`).
 
     Returns
     -------
     NightResult
-        Products, the night table (also written to ``out/night.ecsv``), calibrations,
-        the one-line problems found, and wall time per stage.
+        Products, the night table (also written to ``out/night.ecsv``), calibrations of the
+        set-ups reduced in this run, the one-line problems found, and wall time per stage.
     """
+    from .targets import TargetList, load_targets
+
     t_start = _time.perf_counter()
     out = Path(out)
-    cfg = load_config("EFOSC2", config)
+    raw_p = Path(raw)
+    if not raw_p.exists():
+        raise SpecredError(f"raw folder {raw} does not exist")
+    _check_output(out)
+    # OUT/specred.log gets every INFO line of the run whatever the caller's logging set-up;
+    # what the caller's handlers see is unchanged (records below its level are not forwarded)
+    handler = logging.FileHandler(out / "specred.log", mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    slog = logging.getLogger("specred")
+    saved = (slog.level, slog.propagate)
+    forward = None
+    if slog.getEffectiveLevel() > logging.INFO:
+        forward = _Forward(slog.getEffectiveLevel())
+        slog.setLevel(logging.INFO)
+        slog.propagate = False
+        slog.addHandler(forward)
+    slog.addHandler(handler)
+    try:
+        return _reduce_night(raw_p, out, config, targets, force, report, progress, t_start,
+                             TargetList, load_targets)
+    finally:
+        slog.removeHandler(handler)
+        handler.close()
+        if forward is not None:
+            slog.removeHandler(forward)
+        slog.setLevel(saved[0])
+        slog.propagate = saved[1]
+
+
+class _Forward(logging.Handler):
+    """Pass records at or above the caller's level on to the root logger's handlers."""
+
+    def emit(self, record):
+        logging.getLogger().handle(record)
+
+
+def _reduce_night(raw, out, config, targets, force, report, progress, t_start, TargetList, load_targets):
+    log.info("specred %s: reducing %s into %s", __version__, raw, out)
+    catalog = targets if isinstance(targets, TargetList) else load_targets(targets)
+    log.info("target list %s (%d targets)", catalog.source, len(catalog))
+    cfgs = {"EFOSC2": load_config("EFOSC2", config), "SOFI": load_config("SOFI", config)}
     timings: dict[str, float] = {}
     with _Stage(timings)("discover"):
         found = discover(raw)
+    if not found.frames and not found.problems:
+        raise SpecredError(f"{raw}: no FITS files found (looked for *.fits, *.fits.gz, *.fits.Z, recursively)")
     problems = [f"{Path(p).name}: {why}" for p, why in found.problems]
     for p in problems:
         log.warning("skipped %s", p)
     spectra, rows, cals = [], [], []
     groups = found.groups()
-    n_setups = 0
+    used: set = set()
+    todo = []
     for key, group in groups.items():
         inst, night, setup = key
         kinds = set(group) - {"bias"}
@@ -753,40 +937,60 @@ def reduce_night(raw, out, *, config=None, progress=None) -> NightResult:
             log.warning("%s", msg)
             problems.append(msg)
             continue
-        if inst == "SOFI":
-            if not (group.get("science") or group.get("flux_standard") or group.get("telluric_standard")):
-                continue
-            from .sofi_pipeline import reduce_sofi_setup
-
-            n_setups += 1
-            s, r, c = reduce_sofi_setup(key, group, load_config("SOFI", config), out, timings)
-            spectra += s
-            rows += r
-            cals.append(c)
-            continue
-        if not setup.startswith("Gr#13/"):
+        if inst == "EFOSC2" and not setup.startswith("Gr#13/"):
             msg = f"EFOSC2 set-up {setup} on {night}: only Grism #13 is supported; frames skipped"
             log.warning("%s", msg)
             problems.append(msg)
             continue
-        if not (group.get("science") or group.get("flux_standard")):
+        if not (group.get("science") or group.get("flux_standard") or group.get("telluric_standard")):
             continue
-        n_setups += 1
-        s, r, c = reduce_efosc2_setup(key, group, cfg, out, timings, progress=progress)
+        todo.append((key, group))
+    if not todo:
+        raise SpecredError(f"{raw}: no EFOSC2 Grism #13 or SofI GB science or standard frames to reduce"
+                           + (f" ({len(problems)} file(s) skipped, first: {problems[0]})" if problems else ""))
+    for key, group in todo:
+        inst = key[0]
+        cfg = cfgs[inst]
+        used |= {f.path for fr in group.values() for f in fr}
+        state = _setup_state(key, group, cfg, catalog)
+        again = None if force else _reuse(out, key, state)
+        if again is not None:
+            r, s = again
+            log.info("%s %s %s: products up to date, reused (--force to redo)", *key)
+            rows += r
+            spectra += s
+            continue
+        if inst == "SOFI":
+            from .sofi_pipeline import reduce_sofi_setup
+
+            s, r, c = reduce_sofi_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
+        else:
+            s, r, c = reduce_efosc2_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
+        _save_state(out, key, state, r, c)
         spectra += s
         rows += r
         cals.append(c)
-    if n_setups == 0:
-        raise SpecredError(f"{raw}: no EFOSC2 Grism #13 or SofI GB science or standard frames to reduce"
-                           + (f" ({len(problems)} file(s) skipped, first: {problems[0]})" if problems else ""))
     table = Table(rows=[[r[c] for c in NIGHT_COLUMNS] for r in rows], names=NIGHT_COLUMNS) if rows else \
         Table(names=NIGHT_COLUMNS)
     table["exptime"].unit = "s"
     table["wave_rms_aa"].unit = "Angstrom"
-    table.meta.update({"specred_version": __version__, "raw": str(raw), "problems": problems,
-                       "timings_s": {k: round(v, 3) for k, v in timings.items()},
-                       "wall_s": round(_time.perf_counter() - t_start, 2),
+    table["match_sep_arcsec"].unit = "arcsec"
+    # deterministic content only (a rerun gives the same file); timings go to specred.log
+    table.meta.update({"specred_version": __version__, "problems": problems, "target_list": Path(catalog.source).name,
                        "description": "one row per reduced target; flags explained in specred.pipeline"})
     atomic_write_table(table, out / "night.ecsv")
+    atomic_write_table(_frames_table(found, used), out / "frames.ecsv")
+    if report:
+        with _Stage(timings)("report"):
+            try:
+                from .report import write_report
+
+                write_report(out)
+            except Exception as exc:   # the report must never cost the night its products
+                msg = f"report.html not written: {type(exc).__name__}: {exc}"
+                log.error("%s", msg)
+                problems.append(msg)
     timings["total"] = _time.perf_counter() - t_start
+    log.info("wall time %.1f s (%s)", timings["total"],
+             ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if k != "total"))
     return NightResult(out, spectra, table, cals, problems, timings)

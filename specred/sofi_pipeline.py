@@ -39,8 +39,8 @@ from .errors import CalibrationError, SpecredError
 from .instruments import get_instrument
 from .instruments.base import slit_width_arcsec
 from .io import atomic_write_fits, atomic_write_table
-from .pipeline import (Calibrations, FrameSpectrum, NominalSolution, _Stage, _read_raw, _reduce_target, _row,
-                       _write_wavemap, sky_shift_xcorr)
+from .pipeline import (Calibrations, FrameSpectrum, NominalSolution, _read_raw, _reduce_target, _row, _Stage,
+                       _write_wavemap, sky_shift_xcorr, target_name)
 from .reduce import ccd as ccdred
 from .reduce import extract as extr
 from .reduce import fluxcal, skysub, telluric
@@ -395,6 +395,7 @@ def extract_sequence(infos, cal: Calibrations, cfg: dict, stage=None,
     fs.n_stack = nstack
     fs.notes = notes
     fs.ref_offset_x = ref_off
+    fs.raw_infos = list(infos)                    # provenance: every frame of the sequence
     return fs
 
 
@@ -430,10 +431,11 @@ def _a0v_transmission(fs: FrameSpectrum, cal: Calibrations) -> tuple[telluric.Tr
     return tr, intrinsic
 
 
-def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict):
+def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict, progress=None, catalog=None):
     """Reduce one SofI set-up of one night; returns (spectra, rows, calibrations)."""
     stage = _Stage(timings)
     cal = sofi_calibrations(group, cfg, out, key, stage)
+    cal.catalog = catalog
     spectra, rows = [], []
 
     def run(seq, kind, reference=None):
@@ -533,14 +535,31 @@ def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict):
             rs = _reduce_target(fs.info.object, [fs], cal, cfg, out, "telluric_standard", trans=trans)
         spectra.append(rs)
         rows.append(_row(rs, rs.target, seq, cal, rs.flags, out))
+    # science: every sequence reduced with its own telluric star; sequences of the same
+    # target (matched by position to the target list, else by OBJECT) combined
+    by_target: dict[str, list] = {}
     for seq in _sequences(group.get("science", [])):
-        fs = run(seq, "science", reference_for(seq))
-        if fs is None:
+        name, match = target_name(seq[0], cal)
+        by_target.setdefault(name, []).append((seq, match))
+    items = list(by_target.items())
+    it = items if progress is None else progress(items, desc="SofI targets", unit="target")
+    for name, seqs in it:
+        fss, transs, tflags, raw = [], [], [], []
+        for seq, _ in seqs:
+            fs = run(seq, "science", reference_for(seq))
+            if fs is None:
+                continue
+            trans, fl = _telluric_for(seq, tell_list)
+            fss.append(fs)
+            transs.append(trans)
+            tflags += fl
+            raw += seq
+        if not fss:
             continue
         with stage("fluxcal"):
-            trans, tflags = _telluric_for(seq, tell_list)
-            rs = _reduce_target(fs.info.object, [fs], cal, cfg, out, "science", trans=trans, extra_flags=tflags)
+            rs = _reduce_target(name, fss, cal, cfg, out, "science", trans=transs,
+                                extra_flags=sorted(set(tflags)), match=seqs[0][1])
         spectra.append(rs)
-        rows.append(_row(rs, rs.target, seq, cal, rs.flags, out))
+        rows.append(_row(rs, rs.target, raw, cal, rs.flags, out))
         log.info("%s: S/N %.1f at %.0f-%.0f Å -> %s", rs.target, rs.meta["snr"], *cfg["snr_window"], rs.path.name)
     return spectra, rows, cal

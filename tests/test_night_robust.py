@@ -1,0 +1,150 @@
+"""`specred reduce` as users meet it: raw files untouched, reruns reuse up-to-date products,
+a killed run finishes identically when started again, clear errors for empty, unwritable or
+full output, target-list naming."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from specred.cli import main
+from specred.io import sha256
+from specred.pipeline import reduce_night
+from specred.simulate import simulate_night
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    out = tmp_path_factory.mktemp("robust")
+    simulate_night(out, night="2018-12-05", instrument="efosc2", seed=7)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(night, tmp_path_factory):
+    """An uninterrupted run, and the raw hashes before it."""
+    before = {p.name: sha256(p) for p in (night / "raw").iterdir()}
+    out = tmp_path_factory.mktemp("ref") / "red"
+    res = reduce_night(night / "raw", out, report=False)
+    return out, res, before
+
+
+def _digests(out: Path) -> dict:
+    files = [*sorted((out / "spectra").glob("*.fits")), *sorted((out / "calibrations").glob("*")), out / "night.ecsv"]
+    return {str(p.relative_to(out)): sha256(p) for p in files}
+
+
+def test_raw_files_are_never_modified(night, reference):
+    _, _, before = reference
+    after = {p.name: sha256(p) for p in (night / "raw").iterdir()}
+    assert after == before
+
+
+def test_products_are_named_after_the_target_list(reference, tmp_path, night):
+    out, res, _ = reference
+    tab = res.table
+    sci = tab[tab["kind"] == "science"]
+    assert len(sci) and all(sci["match_id"] == sci["target"])          # programme ids
+    assert np.all(sci["match_sep_arcsec"] < 10) and np.all(np.isfinite(sci["z_cat"]))
+    hdr = fits.getheader(out / sci["file"][0])
+    assert hdr["HIERARCH SPECRED CATID"] == sci["target"][0]
+    # a user list that renames one target by its position; the others stay unmatched
+    first = sci["target"][0]
+    ra, dec = hdr["RA"], hdr["DEC"]
+    Table({"id": ["MyFavourite"], "ra": [ra], "dec": [dec]}).write(tmp_path / "mine.csv", format="ascii.csv")
+    res2 = reduce_night(night / "raw", tmp_path / "red", targets=tmp_path / "mine.csv", report=False)
+    names = set(res2.table["target"][res2.table["kind"] == "science"])
+    assert "MyFavourite" in names and first not in names
+    assert (tmp_path / "red" / "spectra" / "MyFavourite_EFOSC2.fits").exists()
+    assert len(names) == len(sci)                                       # unmatched: OBJECT names
+
+
+def test_rerun_reuses_up_to_date_products_and_force_redoes_them(night, reference, tmp_path):
+    out = tmp_path / "red"
+    shutil.copytree(reference[0], out)
+    res = reduce_night(night / "raw", out, report=False)
+    assert "cosmics" not in res.timings and "wavecal" not in res.timings     # nothing recomputed
+    assert _digests(out) == _digests(reference[0])
+    assert "reused" in (out / "specred.log").read_text()
+    res = reduce_night(night / "raw", out, report=False, force=True)
+    assert "cosmics" in res.timings
+    assert _digests(out) == _digests(reference[0])                         # deterministic
+    # a changed parameter invalidates the products
+    res = reduce_night(night / "raw", out, report=False, config={"extract": {"nsigma": 6.0}})
+    assert "extract" in res.timings
+
+
+def test_killed_run_finishes_identically_when_started_again(night, reference, tmp_path):
+    out = tmp_path / "red"
+    cmd = [sys.executable, "-m", "specred", "reduce", str(night / "raw"), "--out", str(out), "--no-report"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    # kill it in the middle: once some, not all, science spectra are written
+    while time.time() - t0 < 120 and proc.poll() is None:
+        if len(list((out / "spectra").glob("*.fits"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "night.ecsv").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _digests(out) == _digests(reference[0])
+    assert not list(out.glob("**/.*.part"))
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "raw").mkdir()
+    assert main(["reduce", str(tmp_path / "raw"), "--out", str(tmp_path / "red")]) != 0
+    err = capsys.readouterr().err
+    assert "no FITS files found" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
+def test_unwritable_output_is_a_clear_error(night, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["reduce", str(night / "raw"), "--out", str(ro / "red")]) != 0
+    finally:
+        ro.chmod(0o700)
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_output_inside_a_file_is_a_clear_error(night, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["reduce", str(night / "raw"), "--out", str(tmp_path / "afile" / "red")]) != 0
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_disk_full_while_writing_leaves_no_partial_product(night, tmp_path, capsys, monkeypatch):
+    real = fits.HDUList.writeto
+    calls = {"n": 0}
+
+    def full(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 3:            # the first products fit, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(fits.HDUList, "writeto", full)
+    out = tmp_path / "red"
+    assert main(["reduce", str(night / "raw"), "--out", str(out), "--no-report"]) != 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not list(out.glob("**/.*.part"))
+    for f in out.glob("**/*.fits"):                  # what exists is complete
+        with fits.open(f) as h:
+            h.verify("exception")
