@@ -124,6 +124,7 @@ class FrameSpectrum:
     flags: list[str] = field(default_factory=list)
     rejected: np.ndarray | None = None   # (ny, nx) cosmic-ray mask | extraction outliers
     slit_throughput: np.ndarray | None = None   # point-source slit transmission per pixel
+    cutout: tuple | None = None          # (sky-subtracted 2D cut-out, first column) for the QC report
 
     def counts_above_slit(self) -> tuple[np.ndarray, np.ndarray]:
         """Counts and variance corrected for the slit losses (if known)."""
@@ -220,7 +221,16 @@ def _write_wavemap(sol, wavemap: np.ndarray, path: Path) -> Path:
     hdr["WAVERMS"] = (round(float(sol.rms_px), 4) if np.isfinite(sol.rms_px) else -1.0, "arc fit RMS (pixels)")
     hdr["WAVERMSA"] = (round(float(sol.rms_aa), 4) if np.isfinite(sol.rms_aa) else -1.0, "arc fit RMS (Angstrom)")
     hdr["WAVENLIN"] = (int(sol.n_lines), "arc lines used")
-    return atomic_write_fits(fits.HDUList([fits.PrimaryHDU(wavemap.astype(np.float64), header=hdr)]), path)
+    hdus = fits.HDUList([fits.PrimaryHDU(wavemap.astype(np.float64), header=hdr)])
+    lines = getattr(sol, "lines", None)
+    if lines is not None and len(lines):
+        lt = lines.copy()
+        lt.meta = {}
+        if "residual" in lt.colnames and "residual_aa" not in lt.colnames:
+            lt["residual_aa"] = lt["residual"]
+        hdus.append(fits.table_to_hdu(lt))
+        hdus[-1].name = "LINES"
+    return atomic_write_fits(hdus, path)
 
 
 # ============================================================================ EFOSC2 calibrations
@@ -454,7 +464,29 @@ def extract_frame(info, cal: Calibrations, cfg: dict, *, expected_x: float | Non
         ref = float(np.interp(0.5 * (tr.y_fit[0] + tr.y_fit[1]), rows, wave)) if tr.y_fit else float(np.median(wave))
         thru = fluxcal.slit_throughput(wave, tr.fwhm * geom.pixel_scale, slit, ref)
     return FrameSpectrum(info, hdr, wave, res.flux, res.variance, res.mask | ~np.isfinite(res.flux), tr, rows, xs,
-                         shift, n_cr, sky1d, flags, rejected, thru)
+                         shift, n_cr, sky1d, flags, rejected, thru, make_cutout(data - sky, mask | rejected, xs))
+
+
+def make_cutout(resid: np.ndarray, mask: np.ndarray, xs: np.ndarray, half: int = 30) -> tuple:
+    """The sky-subtracted frame within ``half`` columns of the trace (masked pixels NaN), as
+    float32, and its first column: the 2D view of the report."""
+    x0 = int(np.clip(np.round(np.nanmedian(xs)) - half, 0, max(resid.shape[1] - 2 * half - 1, 0)))
+    cut = np.where(mask, np.nan, resid)[:, x0:x0 + 2 * half + 1].astype(np.float32)
+    return cut, x0
+
+
+def _write_cutout(rs: "ReducedSpectrum", fs: FrameSpectrum, out: Path, stem: str, medium: str) -> None:
+    cut, x0 = fs.cutout
+    h = fits.Header()
+    h["OBJECT"] = rs.target
+    h["INSTRUME"] = rs.instrument
+    h["X0"] = (int(x0), "first column in the trimmed frame")
+    h["WAVEMED"] = (medium.upper(), "medium of the WAVE extension")
+    h["BUNIT"] = ("electron", "sky-subtracted counts")
+    wave = fits.ImageHDU(np.asarray(fs.wave, np.float64), name="WAVE")
+    wave.header["BUNIT"] = "Angstrom"
+    trace = fits.ImageHDU(np.asarray(fs.x - x0, np.float64), name="TRACE")
+    atomic_write_fits(fits.HDUList([fits.PrimaryHDU(cut, header=h), wave, trace]), out / "qc" / f"{stem}_2d.fits")
 
 
 # ============================================================================ standards
@@ -639,13 +671,16 @@ def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, 
     hdr["HIERARCH SPECRED KIND"] = kind
     hdr["HIERARCH SPECRED TELLURIC"] = (int(np.sum(tell_any)), "pixels corrected")
     if match is not None:
-        hdr["HIERARCH SPECRED CATID"] = (match.id, "target-list id (matched by position)")
-        hdr["HIERARCH SPECRED CATSEP"] = (round(match.sep_arcsec, 2), "[arcsec] pointing - target list")
+        hdr["HIERARCH SPECRED CATID"] = (match.id, "target-list id")
+        hdr["HIERARCH SPECRED CATSEP"] = (round(match.sep_arcsec, 2), "[arcsec] from list")
         if np.isfinite(match.z):
-            hdr["HIERARCH SPECRED ZCAT"] = (match.z, "catalogue redshift (target list)")
+            hdr["HIERARCH SPECRED ZCAT"] = (match.z, "list redshift")
     safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in target)
     path = write_spectrum(out / "spectra" / f"{safe}_{cal.instrument}.fits", wave, flux, sigma, mask,
                           medium=cal.medium, header=hdr)
+    if frames[0].cutout is not None:
+        _write_cutout(ReducedSpectrum(target, cal.instrument, path, wave, flux, sigma, mask, [], [], {}), frames[0],
+                      out, f"{safe}_{cal.instrument}", cal.medium)
     return ReducedSpectrum(target, cal.instrument, path, wave, flux, sigma, mask, frames, flags,
                            {"snr": snr, "kind": kind, "telluric_corrected": tell_any,
                             "snr_window": tuple(cfg["snr_window"]), "match": match})
@@ -914,7 +949,7 @@ def _reduce_night(raw, out, config, targets, force, report, progress, t_start, T
     log.info("specred %s: reducing %s into %s", __version__, raw, out)
     catalog = targets if isinstance(targets, TargetList) else load_targets(targets)
     log.info("target list %s (%d targets)", catalog.source, len(catalog))
-    cfgs = {"EFOSC2": load_config("EFOSC2", config), "SOFI": load_config("SOFI", config)}
+    cfgs: dict[str, dict] = {}          # per instrument, loaded when the night has it
     timings: dict[str, float] = {}
     with _Stage(timings)("discover"):
         found = discover(raw)
@@ -950,6 +985,8 @@ def _reduce_night(raw, out, config, targets, force, report, progress, t_start, T
                            + (f" ({len(problems)} file(s) skipped, first: {problems[0]})" if problems else ""))
     for key, group in todo:
         inst = key[0]
+        if inst not in cfgs:
+            cfgs[inst] = load_config(inst, config)
         cfg = cfgs[inst]
         used |= {f.path for fr in group.values() for f in fr}
         state = _setup_state(key, group, cfg, catalog)

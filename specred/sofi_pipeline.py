@@ -40,7 +40,7 @@ from .instruments import get_instrument
 from .instruments.base import slit_width_arcsec
 from .io import atomic_write_fits, atomic_write_table
 from .pipeline import (Calibrations, FrameSpectrum, NominalSolution, _read_raw, _reduce_target, _row, _Stage,
-                       _write_wavemap, sky_shift_xcorr, target_name)
+                       _write_wavemap, make_cutout, sky_shift_xcorr, target_name)
 from .reduce import ccd as ccdred
 from .reduce import extract as extr
 from .reduce import fluxcal, skysub, telluric
@@ -388,7 +388,8 @@ def extract_sequence(infos, cal: Calibrations, cfg: dict, stage=None,
         ref = float(np.interp(0.5 * (tr.y_fit[0] + tr.y_fit[1]), rows, wave)) if tr.y_fit else float(np.median(wave))
         thru = fluxcal.slit_throughput(wave, tr.fwhm * cal.geometry.pixel_scale, slit, ref)
     fs = FrameSpectrum(info0, hdr, wave, res.flux, res.variance, res.mask | ~np.isfinite(res.flux), tr, rows, xs,
-                       shift, int(res.n_rejected), sky1d, flags, res.rejected, thru)
+                       shift, int(res.n_rejected), sky1d, flags, res.rejected, thru,
+                       make_cutout(data - sky, mask | ~finite, xs))
     fs.total_exptime = float(sum(f.exptime * (f.ndit or 1) for f in infos))
     fs.n_frames = len(infos)
     fs.oh_residual = oh_resid
