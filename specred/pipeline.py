@@ -36,6 +36,9 @@ Flags
 ``NO_TELLURIC``   (SofI) no telluric star at all: not telluric-corrected.
 ``FLUX_FROM_TELLURIC`` (SofI) no spectrophotometric standard: flux scale from the A0V
                   telluric star's V magnitude and the Vega model.
+``SATURATED``     the object's core is saturated on some rows (masked); a flux standard
+                  saturated on more than ``fluxcal.max_saturated_fraction`` of its rows is
+                  not used.
 ``TRACE_FROM_REFERENCE`` (SofI) target too faint to trace: the telluric star's trace,
                   moved to the target's expected column, defines the aperture.
 ``FAILED: ...``   the frame could not be reduced (reason follows).
@@ -103,6 +106,7 @@ class Calibrations:
     files: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     catalog: object | None = None          # TargetList: science spectra named after its ids
+    notes: list = field(default_factory=list)   # one-line problems met while reducing the set-up
 
 
 @dataclass
@@ -404,6 +408,7 @@ def extract_frame(info, cal: Calibrations, cfg: dict, *, expected_x: float | Non
         if raw.shape != geom.shape:
             raise SpecredError(f"{name}: image shape {raw.shape} differs from the set-up's {geom.shape}")
         img = ccdred.process_frame(raw, geom, master_bias=cal.bias, bad_pixels=cal.bad_pixels)
+        saturated = (raw >= geom.saturation)[geom.trim_section]
     n_cr = 0
     crmask = np.zeros(geom.trim_shape, bool)
     if cfg["cosmics"]["enabled"]:
@@ -458,13 +463,23 @@ def extract_frame(info, cal: Calibrations, cfg: dict, *, expected_x: float | Non
         else:
             res = extr.boxcar_extract(data - sky, var, mask, tr, half, sky_variance=sky_var)
     rejected = crmask if res.rejected is None else crmask | res.rejected
+    # rows where the object's core is saturated: the optimal extraction would rebuild them
+    # from the profile wings only; they are masked, and flagged
+    core = np.abs(np.arange(data.shape[1])[None, :] - xs[:, None]) <= tr.fwhm
+    sat_rows = np.any(saturated & core, axis=1)
+    if sat_rows.any():
+        flags.append("SATURATED")
+        log.warning("%s: saturated in the object's core on %d of %d rows (%.0f %%); those rows are masked",
+                    name, int(sat_rows.sum()), len(sat_rows), 100.0 * sat_rows.mean())
     thru = None
     slit = slit_width_arcsec(info.slit)
     if cfg["fluxcal"]["slit_loss"] and slit:
         ref = float(np.interp(0.5 * (tr.y_fit[0] + tr.y_fit[1]), rows, wave)) if tr.y_fit else float(np.median(wave))
         thru = fluxcal.slit_throughput(wave, tr.fwhm * geom.pixel_scale, slit, ref)
-    return FrameSpectrum(info, hdr, wave, res.flux, res.variance, res.mask | ~np.isfinite(res.flux), tr, rows, xs,
-                         shift, n_cr, sky1d, flags, rejected, thru, make_cutout(data - sky, mask | rejected, xs))
+    fs = FrameSpectrum(info, hdr, wave, res.flux, res.variance, res.mask | ~np.isfinite(res.flux) | sat_rows, tr,
+                       rows, xs, shift, n_cr, sky1d, flags, rejected, thru, make_cutout(data - sky, mask | rejected, xs))
+    fs.saturated_fraction = float(sat_rows.mean())
+    return fs
 
 
 def make_cutout(resid: np.ndarray, mask: np.ndarray, xs: np.ndarray, half: int = 30) -> tuple:
@@ -521,6 +536,14 @@ def calibrate_with_standards(cal: Calibrations, std_frames: list[FrameSpectrum],
         if star is None or star.kind != "flux" or not star.flux_file:
             log.warning("%s: %s is not a spectrophotometric standard known to calib/", Path(info.path).name,
                         info.object)
+            continue
+        limit = cfg["fluxcal"]["max_saturated_fraction"]
+        if getattr(fs, "saturated_fraction", 0.0) > limit:
+            msg = (f"{Path(info.path).name}: standard {info.object} saturated on "
+                   f"{100 * fs.saturated_fraction:.0f} % of its rows (> {100 * limit:.0f} %); not used for the "
+                   f"sensitivity")
+            log.warning("%s", msg)
+            cal.notes.append(msg)
             continue
         good = ~fs.mask
         snr = float(np.nanmedian(fs.counts[good] / np.sqrt(fs.var[good]))) if good.any() else 0.0
@@ -818,7 +841,7 @@ def _reuse(out: Path, key, state: str):
                                        {"snr": r["snr"], "kind": r["kind"], "snr_window": (lo, hi),
                                         "match": None, "reused": True}))
     rows = [{k: (np.nan if v is None else v) for k, v in r.items()} for r in rec["rows"]]
-    return rows, spectra
+    return rows, spectra, list(rec.get("notes", []))
 
 
 def _save_state(out: Path, key, state: str, rows: list[dict], cal: Calibrations | None) -> None:
@@ -836,7 +859,7 @@ def _save_state(out: Path, key, state: str, rows: list[dict], cal: Calibrations 
             return int(v)
         return v
 
-    rec = {"state": state, "key": list(key), "products": prods,
+    rec = {"state": state, "key": list(key), "products": prods, "notes": list(cal.notes) if cal else [],
            "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}
     from .io import atomic_write_text
 
@@ -992,10 +1015,11 @@ def _reduce_night(raw, out, config, targets, force, report, progress, t_start, T
         state = _setup_state(key, group, cfg, catalog)
         again = None if force else _reuse(out, key, state)
         if again is not None:
-            r, s = again
+            r, s, notes = again
             log.info("%s %s %s: products up to date, reused (--force to redo)", *key)
             rows += r
             spectra += s
+            problems += notes
             continue
         if inst == "SOFI":
             from .sofi_pipeline import reduce_sofi_setup
@@ -1003,6 +1027,7 @@ def _reduce_night(raw, out, config, targets, force, report, progress, t_start, T
             s, r, c = reduce_sofi_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
         else:
             s, r, c = reduce_efosc2_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
+        problems += c.notes
         _save_state(out, key, state, r, c)
         spectra += s
         rows += r

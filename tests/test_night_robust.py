@@ -148,3 +148,27 @@ def test_disk_full_while_writing_leaves_no_partial_product(night, tmp_path, caps
     for f in out.glob("**/*.fits"):                  # what exists is complete
         with fits.open(f) as h:
             h.verify("exception")
+
+
+def test_saturated_standard_is_not_used_and_the_night_still_reduces(night, tmp_path):
+    from specred.simulate.evaluate import Truth
+
+    truth = Truth(night)
+    raw = tmp_path / "raw"
+    shutil.copytree(night / "raw", raw)
+    std = truth.frames[truth.frames["type"] == "flux_standard"][0]
+    exp = truth.expected(std["file"])
+    with fits.open(raw / std["file"], mode="update") as h:
+        d = h[0].data
+        rows = np.flatnonzero(np.isfinite(exp["x_centre"]))
+        rows = rows[: int(0.6 * rows.size)]                       # 60 % of the rows burnt out
+        for dx in (-1, 0, 1):
+            d[rows, np.round(exp["x_centre"][rows]).astype(int) + dx] = 65535
+    res = reduce_night(raw, tmp_path / "red", report=False)
+    assert any(std["file"] in p and "saturated" in p for p in res.problems), res.problems
+    tab = res.table
+    srow = tab[tab["kind"] == "flux_standard"][0]
+    assert "SATURATED" in srow["flags"]
+    sci = tab[tab["kind"] == "science"]
+    assert len(sci) == len(set(truth.frames["object"][truth.frames["type"] == "science"]))
+    assert all("NO_STANDARD" in f for f in sci["flags"])          # nominal sensitivity, said so
