@@ -172,3 +172,22 @@ def test_saturated_standard_is_not_used_and_the_night_still_reduces(night, tmp_p
     sci = tab[tab["kind"] == "science"]
     assert len(sci) == len(set(truth.frames["object"][truth.frames["type"] == "science"]))
     assert all("NO_STANDARD" in f for f in sci["flags"])          # nominal sensitivity, said so
+
+
+def test_science_frame_without_a_trace_is_one_line_and_the_rest_reduces(night, tmp_path):
+    frames = Table.read(night / "truth" / "frames.ecsv")
+    raw = tmp_path / "raw"
+    shutil.copytree(night / "raw", raw)
+    sci = frames[frames["type"] == "science"]
+    bias = frames[frames["type"] == "bias"][0]
+    victim = sci[0]
+    with fits.open(raw / victim["file"], mode="update") as h:      # an empty slit: bias only
+        h[0].data = fits.getdata(raw / bias["file"])
+    res = reduce_night(raw, tmp_path / "red", report=False)
+    failed = [r for r in res.table if r["flags"].startswith("FAILED")]
+    assert len(failed) == 1 and failed[0]["target"] == victim["object"] and failed[0]["kind"] == "science"
+    assert victim["file"] in failed[0]["flags"] and "no object" in failed[0]["flags"]
+    ok = {r["target"] for r in res.table if r["kind"] == "science" and not r["flags"].startswith("FAILED")}
+    assert ok == set(sci["object"]) - {victim["object"]}
+    frames_tab = Table.read(tmp_path / "red" / "frames.ecsv")
+    assert len(frames_tab) == len(frames)
