@@ -881,19 +881,28 @@ def _check_output(out: Path) -> None:
         part.unlink(missing_ok=True)
 
 
-def _frames_table(found, used: set) -> Table:
+def _frames_table(found, used: set, raw: Path) -> Table:
+    base = raw if raw.is_dir() else raw.parent
+
+    def rel(p):
+        try:
+            return str(Path(p).resolve().relative_to(base.resolve()))
+        except ValueError:
+            return str(p)
+
     rows = []
     for f in found.frames:
-        rows.append((str(f.path), f.instrument, f.night or "", f.setup or "", f.frame_type, f.object or "",
+        rows.append((rel(f.path), f.instrument, f.night or "", f.setup or "", f.frame_type, f.object or "",
                      float(f.exptime or np.nan), float(f.airmass or np.nan), f.date_obs or "",
                      f.path in used, "; ".join(f.problems)))
     for path, why in found.problems:
-        rows.append((str(path), "", "", "", "unusable", "", np.nan, np.nan, "", False, why))
+        rows.append((rel(path), "", "", "", "unusable", "", np.nan, np.nan, "", False, why))
     names = ("file", "instrument", "night", "setup", "type", "object", "exptime", "airmass", "date_obs", "used",
              "problem")
     t = Table(rows=rows, names=names) if rows else Table(names=names)
     t["exptime"].unit = "s"
     t.meta["description"] = "every file found under the raw folder; used = part of a reduced set-up"
+    t.meta["raw"] = str(base)
     return t
 
 
@@ -1041,7 +1050,7 @@ def _reduce_night(raw, out, config, targets, force, report, progress, t_start, T
     table.meta.update({"specred_version": __version__, "problems": problems, "target_list": Path(catalog.source).name,
                        "description": "one row per reduced target; flags explained in specred.pipeline"})
     atomic_write_table(table, out / "night.ecsv")
-    atomic_write_table(_frames_table(found, used), out / "frames.ecsv")
+    atomic_write_table(_frames_table(found, used, raw), out / "frames.ecsv")
     if report:
         with _Stage(timings)("report"):
             try:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.table import Table
 
 from . import calib
 from .errors import CalibrationError, SpecredError
@@ -468,6 +469,10 @@ def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict, pro
                 log.warning("%s: %s", seq[0].object, exc)
                 continue
         tells.append((min(f.mjd for f in seq), trans, fs, seq))
+        safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in seq[0].object)
+        atomic_write_table(Table({"wavelength": trans.wave, "transmission": trans.trans, "variance": trans.variance},
+                                 meta={"medium": trans.medium, "airmass": trans.airmass, "source": seq[0].object}),
+                           out / "calibrations" / f"{cal.tag}_telluric_{safe}.ecsv")
     tell_list = [(t[0], t[1]) for t in tells]
     # flux standard: telluric-corrected with the nearest star, then the sensitivity
     with stage("fluxcal"):
