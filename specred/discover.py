@@ -324,7 +324,10 @@ def _read_lzw(path: Path) -> fits.Header:
             data = lz.read()
     except Exception as exc:   # noqa: BLE001
         raise BadFrameError(path, f"corrupt unix-compressed (.Z) file ({exc.__class__.__name__}: {exc})") from None
-    header = _header_from_bytes(io.BytesIO(data), len(data), path)
+    try:
+        header = _header_from_bytes(io.BytesIO(data), len(data), path)
+    except BadFrameError as exc:
+        raise BadFrameError(path, f"unix-compressed (.Z) file: decompressed content is {exc.reason}") from None
     if header is None:
         raise BadFrameError(path, "tile-compressed FITS inside .Z is not supported")
     return header
