@@ -191,3 +191,22 @@ def test_science_frame_without_a_trace_is_one_line_and_the_rest_reduces(night, t
     assert ok == set(sci["object"]) - {victim["object"]}
     frames_tab = Table.read(tmp_path / "red" / "frames.ecsv")
     assert len(frames_tab) == len(frames)
+
+
+def test_frame_with_missing_keywords_is_one_line_and_the_rest_reduces(night, tmp_path):
+    frames = Table.read(night / "truth" / "frames.ecsv")
+    raw = tmp_path / "raw"
+    shutil.copytree(night / "raw", raw)
+    sci = frames[frames["type"] == "science"]
+    victim = sci[-1]
+    with fits.open(raw / victim["file"], mode="update") as h:
+        del h[0].header["DATE-OBS"]
+    res = reduce_night(raw, tmp_path / "red", report=True)
+    lines = [p for p in res.problems if victim["file"] in p]
+    assert len(lines) == 1 and "DATE-OBS" in lines[0], res.problems
+    ft = Table.read(tmp_path / "red" / "frames.ecsv")
+    row = ft[ft["file"] == victim["file"]][0]
+    assert not row["used"] and "DATE-OBS" in row["problem"]
+    assert victim["file"] in (tmp_path / "red" / "report.html").read_text()
+    done = {r["target"] for r in res.table if r["kind"] == "science"}
+    assert done == set(sci["object"]) - {victim["object"]}
