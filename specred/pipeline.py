@@ -984,7 +984,7 @@ def _reduce_night(raw, out, config, targets, force, report, progress, t_start, T
     cfgs: dict[str, dict] = {}          # per instrument, loaded when the night has it
     timings: dict[str, float] = {}
     with _Stage(timings)("discover"):
-        found = discover(raw)
+        found = discover(raw, progress=progress)
     if not found.frames and not found.problems:
         raise SpecredError(f"{raw}: no FITS files found (looked for *.fits, *.fits.gz, *.fits.Z, recursively)")
     problems = [f"{Path(p).name}: {why}" for p, why in found.problems]
