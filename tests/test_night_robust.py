@@ -210,3 +210,39 @@ def test_frame_with_missing_keywords_is_one_line_and_the_rest_reduces(night, tmp
     assert victim["file"] in (tmp_path / "red" / "report.html").read_text()
     done = {r["target"] for r in res.table if r["kind"] == "science"}
     assert done == set(sci["object"]) - {victim["object"]}
+
+
+def test_repeated_exposures_combine_and_a_foreign_file_is_one_line(night, tmp_path):
+    import astropy.units as u
+    from astropy.time import Time
+
+    frames = Table.read(night / "truth" / "frames.ecsv")
+    raw = tmp_path / "raw"
+    shutil.copytree(night / "raw", raw)
+    sci = frames[frames["type"] == "science"]
+    first = sci[0]
+    # a second exposure of the first target, 50 minutes later (same pointing, new noise)
+    with fits.open(raw / first["file"]) as h:
+        hdr = h[0].header.copy()
+        data = h[0].data.astype(np.float64)
+    rng = np.random.default_rng(1)
+    data = np.clip(np.round(data + rng.normal(0.0, 3.0, data.shape)), 0, 65535).astype(np.uint16)
+    t = Time(hdr["DATE-OBS"]) + 50 * u.min
+    hdr["DATE-OBS"] = t.isot
+    hdr["MJD-OBS"] = t.mjd
+    name = f"EFOSC.{t.isot}.fits"
+    hdr["ARCFILE"] = name
+    fits.PrimaryHDU(data, header=hdr).writeto(raw / name)
+    # and a file from another telescope
+    foreign = fits.Header({"TELESCOP": "ESO-VLT-U1", "INSTRUME": "FORS2", "DATE-OBS": t.isot})
+    fits.PrimaryHDU(np.zeros((10, 10), np.float32), header=foreign).writeto(raw / "FORS2.fits")
+    res = reduce_night(raw, tmp_path / "red", report=False)
+    assert sum("FORS2.fits" in p and "not an NTT frame" in p for p in res.problems) == 1, res.problems
+    row = res.table[res.table["target"] == first["object"]][0]
+    assert set(row["raw_files"].split(",")) == {first["file"], name}
+    assert row["exptime"] == pytest.approx(2 * first["exptime"])
+    hdr = fits.getheader(tmp_path / "red" / row["file"])
+    assert hdr["NCOMBINE"] == 2 and {hdr["PROV1"], hdr["PROV2"]} == {first["file"], name}
+    one = reduce_night(night / "raw", tmp_path / "one", report=False).table
+    single = one[one["target"] == first["object"]][0]["snr"]
+    assert row["snr"] > 1.2 * single                 # ~sqrt(2) more signal-to-noise
