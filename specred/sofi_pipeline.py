@@ -348,6 +348,12 @@ def extract_sequence(infos, cal: Calibrations, cfg: dict, stage=None,
             for sgn in (1, -1):
                 excl |= skysub.object_mask(data.shape, tr.shifted(sgn * dx), s["object_half_width_fwhm"] * tr.fwhm) \
                     if abs(dx) > 2 * tr.fwhm else False
+        if s["window_px"]:
+            # a local background (as IRAF apall's background regions): the residual of the
+            # pair subtraction varies along the slit on scales a low-order fit of the whole
+            # slit does not follow, and faint targets are biased by it
+            cols = np.arange(data.shape[1])[None, :]
+            excl |= np.abs(cols - tr.x()[:, None]) > s["window_px"]
         finite = np.isfinite(var)
         sky, sky_var = skysub.fit_sky(data, np.where(finite, var, 1e30), mask | ~finite, excl, order=s["order"])
     rows = np.arange(data.shape[0])
