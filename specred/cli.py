@@ -124,7 +124,10 @@ def cmd_demo(args) -> int:
     print(f"\nreducing the night (EFOSC2 and SofI) into {out / 'reduced'}/ ...")
     red = reduce_night(out / "raw", out / "reduced", progress=progress)
     print(_night_summary(red))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
+    rep = out / "reduced" / "report.html"
+    if rep.exists():
+        print(f"\nnight report: {rep.resolve().as_uri()}")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
