@@ -237,6 +237,39 @@ def _write_wavemap(sol, wavemap: np.ndarray, path: Path) -> Path:
     return atomic_write_fits(hdus, path)
 
 
+def store_flat(cal: Calibrations, flat: CCDData, caldir: Path) -> None:
+    """Adopt a normalised master flat: bad pixels where its response is < 0.5 or > 1.5,
+    written with them to ``calibrations/<tag>_flat.fits``."""
+    cal.flat = flat
+    cal.bad_pixels = (flat.data < 0.5) | (flat.data > 1.5)
+    cal.files["flat"] = f"{cal.tag}_flat.fits"
+    atomic_write_fits(fits.HDUList([fits.PrimaryHDU(flat.data),
+                                    fits.ImageHDU(cal.bad_pixels.astype(np.uint8), name="BADPIX")]),
+                      caldir / cal.files["flat"])
+
+
+def solve_setup_arcs(cal: Calibrations, seed, arc_images: list, arcs: list, caldir: Path, sky: str) -> None:
+    """Wavelength solution of a set-up from its processed arc images (median-combined; pixels
+    saturated in any of them masked), or the seed's nominal dispersion (flag ``NO_ARC``) when
+    there are none; the wavelength map is written to ``calibrations/<tag>_wavemap.fits``.
+    A failed solution raises CalibrationError naming the arc files."""
+    row0 = cal.geometry.trim_section[0].start or 0
+    if arc_images:
+        arc = np.median(np.stack([i.data for i in arc_images]), axis=0)
+        sat = np.any(np.stack([i.mask for i in arc_images]), axis=0)
+        cal.wavesol = wavecal.solve_arc(arc, calib.arc_lines(seed.lamp), seed, mask=sat, row_offset=row0,
+                                        name=", ".join(Path(a.path).name for a in arcs))
+        log.info("%s: wavelength solution RMS %.3f px (%.2f Å, %s) from %d lines", cal.tag, cal.wavesol.rms_px,
+                 cal.wavesol.rms_aa, seed.medium, cal.wavesol.n_lines)
+    else:
+        cal.flags.append("NO_ARC")
+        log.warning("%s: no arc frames; nominal dispersion + %s zero point", cal.tag, sky)
+        cal.wavesol = NominalSolution(seed, cal.geometry.trim_shape, row0)
+    cal.wavemap = cal.wavesol.map()
+    cal.files["wavemap"] = f"{cal.tag}_wavemap.fits"
+    _write_wavemap(cal.wavesol, cal.wavemap, caldir / cal.files["wavemap"])
+
+
 # ============================================================================ EFOSC2 calibrations
 def efosc2_calibrations(group: dict, cfg: dict, out: Path, key: tuple, stage=None) -> Calibrations:
     """Master bias, flat and wavelength solution of one EFOSC2 set-up of a night."""
@@ -266,37 +299,17 @@ def efosc2_calibrations(group: dict, cfg: dict, out: Path, key: tuple, stage=Non
         flats = group.get("flat", [])
         if flats:
             ccds = [ccdred.process_frame(_read_raw(f)[0], geom, master_bias=cal.bias) for f in flats]
-            cal.flat, low = ccdred.master_flat(ccds, spectral_smooth=cfg["flat"]["spectral_smooth"],
-                                               min_level=cfg["flat"]["min_level"])
-            cal.bad_pixels = (cal.flat.data < 0.5) | (cal.flat.data > 1.5)
-            cal.files["flat"] = f"{tag}_flat.fits"
-            atomic_write_fits(fits.HDUList([fits.PrimaryHDU(cal.flat.data),
-                                            fits.ImageHDU(cal.bad_pixels.astype(np.uint8), name="BADPIX")]),
-                              caldir / cal.files["flat"])
+            flat, _ = ccdred.master_flat(ccds, spectral_smooth=cfg["flat"]["spectral_smooth"],
+                                         min_level=cfg["flat"]["min_level"])
+            store_flat(cal, flat, caldir)
         else:
             cal.flags.append("NO_FLAT")
             log.warning("%s: no dome flat; pixel response not corrected", tag)
 
     with stage("wavecal"):
-        seed = wavecal.load_seed("EFOSC2_GR13")
-        row0 = geom.trim_section[0].start or 0
         arcs = group.get("arc", [])
-        if arcs:
-            imgs = [ccdred.process_frame(_read_raw(a)[0], geom, master_bias=cal.bias) for a in arcs]
-            arc = np.median(np.stack([i.data for i in imgs]), axis=0)
-            sat = np.any(np.stack([i.mask for i in imgs]), axis=0)
-            # a failure raises CalibrationError naming the arc files
-            cal.wavesol = wavecal.solve_arc(arc, calib.arc_lines(seed.lamp), seed, mask=sat, row_offset=row0,
-                                            name=", ".join(Path(a.path).name for a in arcs))
-            log.info("%s: wavelength solution RMS %.3f px (%.2f Å) from %d lines", tag, cal.wavesol.rms_px,
-                     cal.wavesol.rms_aa, cal.wavesol.n_lines)
-        else:
-            cal.flags.append("NO_ARC")
-            log.warning("%s: no arc frames; nominal dispersion + night-sky zero point", tag)
-            cal.wavesol = NominalSolution(seed, geom.trim_shape, row0)
-        cal.wavemap = cal.wavesol.map()
-        cal.files["wavemap"] = f"{tag}_wavemap.fits"
-        _write_wavemap(cal.wavesol, cal.wavemap, caldir / cal.files["wavemap"])
+        imgs = [ccdred.process_frame(_read_raw(a)[0], geom, master_bias=cal.bias) for a in arcs]
+        solve_setup_arcs(cal, wavecal.load_seed("EFOSC2_GR13"), imgs, arcs, caldir, "night-sky")
     return cal
 
 
@@ -1030,19 +1043,27 @@ def _reduce_night(raw, out, config, targets, force, report, progress, t_start, T
             spectra += s
             problems += notes
             continue
-        if inst == "SOFI":
-            from .sofi_pipeline import reduce_sofi_setup
+        try:
+            if inst == "SOFI":
+                from .sofi_pipeline import reduce_sofi_setup
 
-            s, r, c = reduce_sofi_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
-        else:
-            s, r, c = reduce_efosc2_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
+                s, r, c = reduce_sofi_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
+            else:
+                s, r, c = reduce_efosc2_setup(key, group, cfg, out, timings, progress=progress, catalog=catalog)
+        except CalibrationError as exc:
+            # e.g. an arc that cannot be solved: this set-up is lost, the rest of the night is not
+            msg = f"{inst} set-up {key[2]} on {key[1]} not reduced: {exc}"
+            log.error("%s", msg)
+            problems.append(msg)
+            continue
         problems += c.notes
         _save_state(out, key, state, r, c)
         spectra += s
         rows += r
         cals.append(c)
-    table = Table(rows=[[r[c] for c in NIGHT_COLUMNS] for r in rows], names=NIGHT_COLUMNS) if rows else \
-        Table(names=NIGHT_COLUMNS)
+    if not rows:
+        raise SpecredError(f"{raw}: nothing could be reduced; " + "; ".join(problems[-3:]))
+    table = Table(rows=[[r[c] for c in NIGHT_COLUMNS] for r in rows], names=NIGHT_COLUMNS)
     table["exptime"].unit = "s"
     table["wave_rms_aa"].unit = "Angstrom"
     table["match_sep_arcsec"].unit = "arcsec"

@@ -39,9 +39,9 @@ from . import calib
 from .errors import CalibrationError, SpecredError
 from .instruments import get_instrument
 from .instruments.base import slit_width_arcsec
-from .io import atomic_write_fits, atomic_write_table
-from .pipeline import (Calibrations, FrameSpectrum, NominalSolution, _read_raw, _reduce_target, _row, _Stage,
-                       _write_wavemap, make_cutout, sky_shift_xcorr, target_name)
+from .io import atomic_write_table
+from .pipeline import (Calibrations, FrameSpectrum, _read_raw, _reduce_target, _row, _Stage, make_cutout,
+                       sky_shift_xcorr, solve_setup_arcs, store_flat, target_name)
 from .reduce import ccd as ccdred
 from .reduce import extract as extr
 from .reduce import fluxcal, skysub, telluric
@@ -84,35 +84,16 @@ def sofi_calibrations(group: dict, cfg: dict, out: Path, key: tuple, stage=None)
                 d.uncertainty = type(a.uncertainty)(a.uncertainty.array + b.uncertainty.array)
                 d.mask = a.mask | b.mask
                 diffs.append(d)
-            cal.flat, _ = ccdred.master_flat(diffs, spectral_smooth=cfg["flat"]["spectral_smooth"],
-                                             min_level=cfg["flat"]["min_level"])
-            cal.bad_pixels = (cal.flat.data < 0.5) | (cal.flat.data > 1.5)
-            cal.files["flat"] = f"{tag}_flat.fits"
-            atomic_write_fits(fits.HDUList([fits.PrimaryHDU(cal.flat.data),
-                                            fits.ImageHDU(cal.bad_pixels.astype(np.uint8), name="BADPIX")]),
-                              caldir / cal.files["flat"])
+            flat, _ = ccdred.master_flat(diffs, spectral_smooth=cfg["flat"]["spectral_smooth"],
+                                         min_level=cfg["flat"]["min_level"])
+            store_flat(cal, flat, caldir)
         else:
             cal.flags.append("NO_FLAT")
             log.warning("%s: no lamp-on/lamp-off flat pair; pixel response not corrected", tag)
     with stage("wavecal"):
         seed = wavecal.load_seed(wavecal.seed_for_setup("SOFI", key[2].split("/")[0]))
-        row0 = geom.trim_section[0].start or 0
         arcs = group.get("arc", [])
-        if arcs:
-            imgs = [_process(a, geom)[0] for a in arcs]
-            arc = np.median(np.stack([i.data for i in imgs]), axis=0)
-            sat = np.any(np.stack([i.mask for i in imgs]), axis=0)
-            cal.wavesol = wavecal.solve_arc(arc, calib.arc_lines(seed.lamp), seed, mask=sat, row_offset=row0,
-                                            name=", ".join(Path(a.path).name for a in arcs))
-            log.info("%s: wavelength solution RMS %.3f px (%.2f Å, vacuum) from %d lines", tag,
-                     cal.wavesol.rms_px, cal.wavesol.rms_aa, cal.wavesol.n_lines)
-        else:
-            cal.flags.append("NO_ARC")
-            log.warning("%s: no arc frames; nominal dispersion + OH zero point", tag)
-            cal.wavesol = NominalSolution(seed, geom.trim_shape, row0)
-        cal.wavemap = cal.wavesol.map()
-        cal.files["wavemap"] = f"{tag}_wavemap.fits"
-        _write_wavemap(cal.wavesol, cal.wavemap, caldir / cal.files["wavemap"])
+        solve_setup_arcs(cal, seed, [_process(a, geom)[0] for a in arcs], arcs, caldir, "OH")
         cal.lsf_fwhm_aa = float(seed.fwhm_px * np.median(np.abs(np.gradient(cal.wavemap[:, cal.wavemap.shape[1] // 2]))))
     return cal
 
