@@ -33,3 +33,18 @@ def test_cli_reduces_a_night_of_both_instruments(tmp_path, capsys):
     used = {f for s in tab["raw_files"] for f in s.split(",")}
     sci = truth[np.isin(truth["type"], ["science"])]
     assert set(sci["file"]) <= used
+
+
+def test_an_unsolvable_arc_loses_its_set_up_only(tmp_path, capsys):
+    simulate_night(tmp_path, night="2018-12-05", instrument="both", seed=5)
+    truth = Table.read(tmp_path / "truth" / "frames.ecsv")
+    arcs = truth[(truth["instrument"] == "EFOSC2") & (truth["type"] == "arc")]
+    rng = np.random.default_rng(0)
+    for f in arcs["file"]:                              # lamps off: bias level and noise only
+        with fits.open(tmp_path / "raw" / f, mode="update") as h:
+            h[0].data = (200 + rng.normal(0, 3, h[0].data.shape)).astype(h[0].data.dtype)
+    assert main(["reduce", str(tmp_path / "raw"), "--out", str(tmp_path / "red"), "--no-report"]) == 0
+    out = capsys.readouterr().out
+    tab = Table.read(tmp_path / "red" / "night.ecsv")
+    assert set(tab["instrument"]) == {"SOFI"}
+    assert "EFOSC2 set-up" in out and "not reduced" in out and arcs["file"][0] in out
