@@ -84,6 +84,21 @@ def _night_summary(res) -> str:
     return "\n".join(lines)
 
 
+def _catalogue_table(table) -> str:
+    """Science targets beside the programme's published redshift and class (Solarz et al.
+    2020, Table 2); the recovered values join this table when the analysis lands."""
+    from .targets import load_targets
+
+    cat = load_targets()
+    cls = dict(zip(cat.ids, cat.cls))
+    lines = [f"{'target':12s} {'inst':6s} {'S/N':>6s} {'z (paper)':>9s}  class (paper)"]
+    for r in table[table["kind"] == "science"]:
+        mid = str(r["match_id"])
+        z = f"{r['z_cat']:9.4f}" if mid and r["z_cat"] == r["z_cat"] else f"{'–':>9s}"
+        lines.append(f"{r['target']:12s} {r['instrument']:6s} {r['snr']:6.1f} {z}  {cls.get(mid, 'not in the list')}")
+    return "\n".join(lines)
+
+
 def cmd_reduce(args) -> int:
     from .pipeline import reduce_night
     from .progress import progress
@@ -124,6 +139,7 @@ def cmd_demo(args) -> int:
     print(f"\nreducing the night (EFOSC2 and SofI) into {out / 'reduced'}/ ...")
     red = reduce_night(out / "raw", out / "reduced", progress=progress)
     print(_night_summary(red))
+    print("\n" + _catalogue_table(red.table))
     rep = out / "reduced" / "report.html"
     if rep.exists():
         print(f"\nnight report: {rep.resolve().as_uri()}")
@@ -171,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the instrument read from the header")
     s.set_defaults(func=cmd_wavecal)
 
-    s = sub.add_parser("demo", help="simulate a programme night and show what specred sees")
+    s = sub.add_parser("demo", help="simulate a programme night of both instruments, reduce it, and write its report")
     s.add_argument("--out", default="specred_demo", help="output folder (default ./specred_demo)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_demo)

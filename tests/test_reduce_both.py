@@ -48,3 +48,15 @@ def test_an_unsolvable_arc_loses_its_set_up_only(tmp_path, capsys):
     tab = Table.read(tmp_path / "red" / "night.ecsv")
     assert set(tab["instrument"]) == {"SOFI"}
     assert "EFOSC2 set-up" in out and "not reduced" in out and arcs["file"][0] in out
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """`specred demo`, the README's first command: simulate, inspect, reduce both instruments,
+    write the report, and show each target beside the paper's redshift and class."""
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    red = tmp_path / "demo" / "reduced"
+    tab = Table.read(red / "night.ecsv")
+    assert set(tab["instrument"]) == {"EFOSC2", "SOFI"} and all(f == "OK" for f in tab["flags"])
+    assert (red / "report.html").exists() and "night report: file://" in out
+    assert "z (paper)" in out and "Fe rich QSO" in out                 # J040754.75, Solarz+2020
