@@ -270,16 +270,24 @@ def solve_setup_arcs(cal: Calibrations, seed, arc_images: list, arcs: list, cald
     _write_wavemap(cal.wavesol, cal.wavemap, caldir / cal.files["wavemap"])
 
 
+def new_calibrations(key: tuple, group: dict, medium: str) -> Calibrations:
+    """Empty calibrations of the set-up ``key = (instrument, night, setup)``: detector
+    geometry from the header of one of its frames, and the tag that names its products
+    (``<INSTRUMENT>_<night>_<grism>``)."""
+    inst = key[0]
+    frames = [f for kind in ("science", "flux_standard", "telluric_standard", "arc", "flat", "bias")
+              for f in group.get(kind, [])]
+    geom = get_instrument(inst).geometry(fits.getheader(frames[0].path))
+    tag = f"{inst}_{key[1]}_" + "".join(c if c.isalnum() else "_" for c in key[2].split("/")[0])
+    return Calibrations(inst, key[2], geom, tag, medium=medium)
+
+
 # ============================================================================ EFOSC2 calibrations
 def efosc2_calibrations(group: dict, cfg: dict, out: Path, key: tuple, stage=None) -> Calibrations:
     """Master bias, flat and wavelength solution of one EFOSC2 set-up of a night."""
     stage = stage or _Stage({})
-    inst = get_instrument("EFOSC2")
-    anyframe = next(iter(group.get("science") or group.get("flux_standard") or group.get("arc")
-                         or group.get("flat") or group.get("bias")))
-    geom = inst.geometry(fits.getheader(anyframe.path))
-    tag = f"EFOSC2_{key[1]}_" + "".join(c if c.isalnum() else "_" for c in key[2].split("/")[0])
-    cal = Calibrations("EFOSC2", key[2], geom, tag)
+    cal = new_calibrations(key, group, "air")
+    geom, tag = cal.geometry, cal.tag
     caldir = out / "calibrations"
 
     with stage("bias"):

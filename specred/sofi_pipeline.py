@@ -37,11 +37,10 @@ from astropy.table import Table
 
 from . import calib
 from .errors import CalibrationError, SpecredError
-from .instruments import get_instrument
 from .instruments.base import slit_width_arcsec
 from .io import atomic_write_table
 from .pipeline import (Calibrations, FrameSpectrum, _read_raw, _reduce_target, _row, _Stage, make_cutout,
-                       sky_shift_xcorr, solve_setup_arcs, store_flat, target_name)
+                       new_calibrations, sky_shift_xcorr, solve_setup_arcs, store_flat, target_name)
 from .reduce import ccd as ccdred
 from .reduce import extract as extr
 from .reduce import fluxcal, skysub, telluric
@@ -65,12 +64,8 @@ def _process(info, geom, bad=None):
 def sofi_calibrations(group: dict, cfg: dict, out: Path, key: tuple, stage=None) -> Calibrations:
     """Lamp-on minus lamp-off flat and Xe wavelength solution of one SofI set-up."""
     stage = stage or _Stage({})
-    inst = get_instrument("SOFI")
-    anyframe = next(iter(group.get("science") or group.get("telluric_standard") or group.get("flux_standard")
-                         or group.get("arc") or group.get("flat")))
-    geom = inst.geometry(fits.getheader(anyframe.path))
-    tag = f"SOFI_{key[1]}_" + "".join(c if c.isalnum() else "_" for c in key[2].split("/")[0])
-    cal = Calibrations("SOFI", key[2], geom, tag, medium="vacuum")
+    cal = new_calibrations(key, group, "vacuum")
+    geom, tag = cal.geometry, cal.tag
     caldir = out / "calibrations"
     with stage("flat"):
         on, off = group.get("flat", []), group.get("lamp_off_flat", [])
