@@ -65,9 +65,25 @@ def atomic_write_text(text: str, path) -> Path:
     return Path(path)
 
 
+_SHA_CACHE: dict[tuple, str] = {}
+
+
 def sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Hex SHA-256 of a file's content.  Remembered per (path, size, mtime) within a
+    process: a night hashes each raw frame for its up-to-date check and again for the
+    provenance of every product made from it."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(chunk), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def safe_name(text, keep: str = "+-._") -> str:
+    """``text`` with every character other than letters, digits and ``keep`` replaced by
+    ``_``: how products, QC plots and report anchors are named after targets."""
+    return "".join(c if c.isalnum() or c in keep else "_" for c in str(text))

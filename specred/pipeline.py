@@ -65,7 +65,7 @@ from .discover import discover
 from .errors import CalibrationError, SpecredError
 from .instruments import get_instrument
 from .instruments.base import slit_width_arcsec
-from .io import atomic_write_fits, atomic_write_table, sha256
+from .io import atomic_write_fits, atomic_write_table, safe_name, sha256
 from .reduce import ccd as ccdred
 from .reduce import extract as extr
 from .reduce import fluxcal, skysub, telluric
@@ -278,7 +278,7 @@ def new_calibrations(key: tuple, group: dict, medium: str) -> Calibrations:
     frames = [f for kind in ("science", "flux_standard", "telluric_standard", "arc", "flat", "bias")
               for f in group.get(kind, [])]
     geom = get_instrument(inst).geometry(fits.getheader(frames[0].path))
-    tag = f"{inst}_{key[1]}_" + "".join(c if c.isalnum() else "_" for c in key[2].split("/")[0])
+    tag = f"{inst}_{key[1]}_" + safe_name(key[2].split("/")[0], keep="")
     return Calibrations(inst, key[2], geom, tag, medium=medium)
 
 
@@ -719,7 +719,7 @@ def _reduce_target(target: str, frames: list[FrameSpectrum], cal: Calibrations, 
         hdr["HIERARCH SPECRED CATSEP"] = (round(match.sep_arcsec, 2), "[arcsec] from list")
         if np.isfinite(match.z):
             hdr["HIERARCH SPECRED ZCAT"] = (match.z, "list redshift")
-    safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in target)
+    safe = safe_name(target)
     path = write_spectrum(out / "spectra" / f"{safe}_{cal.instrument}.fits", wave, flux, sigma, mask,
                           medium=cal.medium, header=hdr)
     if frames[0].cutout is not None:
@@ -826,7 +826,7 @@ def _setup_state(key, group: dict, cfg: dict, catalog) -> str:
 
 
 def _state_path(out: Path, key) -> Path:
-    name = "_".join("".join(c if c.isalnum() else "_" for c in str(k)) for k in key)
+    name = "_".join(safe_name(k, keep="") for k in key)
     return out / ".specred" / f"{name}.json"
 
 

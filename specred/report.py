@@ -65,7 +65,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import __version__
 from .errors import SpecredError
-from .io import atomic_path
+from .io import atomic_path, safe_name
 
 __all__ = ["write_report", "SECTIONS"]
 
@@ -99,7 +99,7 @@ def _na(reason: str) -> str:
 
 def _safe(name: str) -> str:
     """File-system (and HTML id) safe version of a name, as the pipeline names products."""
-    return "".join(c if c.isalnum() or c in "+-._" else "_" for c in str(name)) or "_"
+    return safe_name(name) or "_"
 
 
 def _num(value, fmt: str = "{:.2f}", none: str = "–") -> str:

@@ -38,7 +38,7 @@ from astropy.table import Table
 from . import calib
 from .errors import CalibrationError, SpecredError
 from .instruments.base import slit_width_arcsec
-from .io import atomic_write_table
+from .io import atomic_write_table, safe_name
 from .pipeline import (Calibrations, FrameSpectrum, _read_raw, _reduce_target, _row, _Stage, make_cutout,
                        new_calibrations, sky_shift_xcorr, solve_setup_arcs, store_flat, target_name)
 from .reduce import ccd as ccdred
@@ -451,7 +451,7 @@ def reduce_sofi_setup(key, group: dict, cfg: dict, out: Path, timings: dict, pro
                 log.warning("%s: %s", seq[0].object, exc)
                 continue
         tells.append((min(f.mjd for f in seq), trans, fs, seq))
-        safe = "".join(c if c.isalnum() or c in "+-._" else "_" for c in seq[0].object)
+        safe = safe_name(seq[0].object)
         atomic_write_table(Table({"wavelength": trans.wave, "transmission": trans.trans, "variance": trans.variance},
                                  meta={"medium": trans.medium, "airmass": trans.airmass, "source": seq[0].object}),
                            out / "calibrations" / f"{cal.tag}_telluric_{safe}.ecsv")
