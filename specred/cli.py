@@ -187,11 +187,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the instrument read from the header")
     s.set_defaults(func=cmd_wavecal)
 
+    s = sub.add_parser("fit", help="fit emission lines of a 1D spectrum and measure its redshift")
+    s.add_argument("spectrum", help="1D spectrum: specred product, SDSS spec-*.fits, IRAF 1D image or ECSV table")
+    s.add_argument("--batch", action="store_true",
+                   help="no interaction: fit, write the table and exit (the interactive splot-like "
+                        "mode is not part of this release)")
+    s.add_argument("--z", type=float, default=None, help="redshift to fit at (default: measured automatically)")
+    s.add_argument("--lines", nargs="+", default=None, metavar="LINE",
+                   help="catalogue names of the lines to fit as one tied group (default: the BPT lines)")
+    s.add_argument("--medium", choices=["air", "vacuum"], default=None,
+                   help="wavelength medium when the file does not state it")
+    s.add_argument("--mc", type=int, default=0, metavar="N", help="Monte-Carlo errors from N noise realisations")
+    s.add_argument("--balmer-absorption", choices=["no", "yes", "auto"], default="auto",
+                   help="stellar absorption under the Balmer lines (default auto: kept if significant)")
+    s.add_argument("--out", default=None, help="ECSV table to write (default: SPECTRUM stem + _lines.ecsv)")
+    s.set_defaults(func=cmd_fit)
+
     s = sub.add_parser("demo", help="simulate a programme night of both instruments, reduce it, and write its report")
     s.add_argument("--out", default="specred_demo", help="output folder (default ./specred_demo)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_fit(args) -> int:
+    import numpy as np
+    from astropy.table import QTable
+
+    from .analysis import find_redshift, fit_lines, load_spectrum
+    from .io import atomic_write_table
+
+    if not args.batch:
+        raise SpecredError("interactive fitting is not available yet; run with --batch to fit and write the table")
+    spec = load_spectrum(args.spectrum, medium=args.medium)
+    zres = None
+    if args.z is None:
+        zres = find_redshift(spec)
+        if not np.isfinite(zres.z):
+            raise SpecredError(f"{args.spectrum}: no redshift found (quality {zres.quality}, {zres.flags}); give --z")
+        z = zres.z
+        log.info(f"z = {zres.z:.5f} ± {zres.z_err:.5f} ({zres.quality}, {zres.template} template, "
+                 f"{zres.n_lines} features: {', '.join(zres.lines)})")
+    else:
+        z = args.z
+    absorption = {"no": False, "yes": True, "auto": "auto"}[args.balmer_absorption]
+    res = fit_lines(spec, z, args.lines, mc=args.mc, balmer_absorption=absorption)
+    tab = QTable(res.to_table())
+    tab.meta["spectrum"] = str(args.spectrum)
+    if zres is not None:
+        tab.meta.update({"z": zres.z, "z_err": zres.z_err, "z_scatter": zres.z_scatter, "z_quality": zres.quality,
+                         "z_template": zres.template, "z_lines": list(zres.lines), "z_flags": zres.flags})
+    out = Path(args.out) if args.out else Path(args.spectrum).with_name(Path(args.spectrum).stem + "_lines.ecsv")
+    atomic_write_table(tab, out)
+    for ln in res.lines:
+        if not ln.covered:
+            continue
+        val = (f"{ln.flux:10.3e} ± {ln.flux_err:9.2e}" if ln.detected else f"  < {ln.flux_upper_limit:9.2e} (3σ)    ")
+        log.info(f"{ln.name:11s} {val}  S/N {ln.snr:6.1f}  EW {ln.ew_rest:7.1f} Å  FWHM {ln.fwhm_kms:6.0f} km/s")
+    log.info(f"wrote {out}")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,16 @@
+"""Analysis of 1D spectra: line catalogue, Gaussian line fits, automatic redshifts.
+
+    >>> from specred.analysis import load_spectrum, fit_lines, find_redshift
+    >>> spec = load_spectrum("OUT/spectra/J0407_EFOSC2.fits")     # any medium, any units
+    >>> zres = find_redshift(spec)                                # Redshift dataclass
+    >>> fits = fit_lines(spec, zres.z)                            # the BPT lines, tied
+    >>> fits["Halpha"].flux, fits["Halpha"].flux_err               # erg/s/cm2
+"""
+from .fitting import LineFit, LineFitResult, LineGroup, broad_group, fit_lines, narrow_group
+from .lines import BPT_LINES, rest_wavelength
+from .redshift import Redshift, find_redshift
+from .spectrum import AnalysisSpectrum, load_spectrum, make_spectrum
+
+__all__ = ["AnalysisSpectrum", "load_spectrum", "make_spectrum", "LineFit", "LineFitResult", "LineGroup",
+           "narrow_group", "broad_group", "fit_lines", "Redshift", "find_redshift", "BPT_LINES",
+           "rest_wavelength"]

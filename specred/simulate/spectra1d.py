@@ -133,7 +133,8 @@ def simulate_spectra(out, n: int, seed: int = 0, instrument: str = "efosc2", snr
         path = out / "spectra" / f"{sid}.fits"
         write_spectrum(path, smp.wave, flux, sigma, medium=smp.inst.medium,
                        header={"OBJECT": sid, "INSTRUME": "EFOSC" if inst == "EFOSC2" else "SOFI",
-                               "ORIGIN": "specred simulate --spectra", "SIMSEED": seed})
+                               "ORIGIN": "specred simulate --spectra", "SIMSEED": seed,
+                               "LSFPIX": (smp.inst.lsf_fwhm_px, "[pixel] instrumental line-spread FWHM")})
         files.append(path)
         tr = src.truth
         rows.append({"id": sid, "file": path.name, "instrument": inst, "kind": kind, "z": src.z, "snr": snr,
