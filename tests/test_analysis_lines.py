@@ -290,3 +290,25 @@ def test_real_spectra_line_fluxes_of_emission_dominated_galaxies(real):
         sii = res["SII_6717"].flux + res["SII_6731"].flux
         t = (r["f_sii6717"] + r["f_sii6731"]) * 1e-17
         assert sii == pytest.approx(t, rel=0.10)
+
+
+# ---------------------------------------------------------------------------- command line
+def test_cli_fit_batch_writes_a_table_and_reports_bad_input(tmp_path, capsys):
+    from specred.cli import main
+    from specred.spectrum_io import write_spectrum
+    w, f, s, truth = synthetic(z=0.08, snr=30, seed=9)
+    p = write_spectrum(tmp_path / "s.fits", w, f, s, medium="air", header={"LSFFWHM": 18.0})
+    out = tmp_path / "lines.ecsv"
+    assert main(["fit", str(p), "--batch", "--out", str(out)]) == 0
+    t = Table.read(out)
+    assert abs(t.meta["z"] - 0.08) < 0.001
+    row = t[t["name"] == "Halpha"][0]
+    assert row["flux"] == pytest.approx(truth["Halpha"], rel=0.1)
+    assert main(["fit", str(p)]) == 2                         # interactive mode not available
+    bad = tmp_path / "bad.ecsv"
+    Table({"wavelength": w, "flux": f}).write(bad)
+    capsys.readouterr()
+    assert main(["fit", str(bad), "--batch"]) == 2
+    assert "medium not stated" in capsys.readouterr().err
+    assert main(["fit", str(bad), "--batch", "--medium", "air"]) == 2
+    assert "has no unit" in capsys.readouterr().err
