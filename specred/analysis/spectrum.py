@@ -25,6 +25,7 @@ from astropy.table import Table
 
 from .. import calib
 from ..errors import SpectrumError
+from ..spectrum_io import validate_spectrum
 
 C_KMS = 299792.458
 FLAM = u.Unit("erg s-1 cm-2 AA-1")
@@ -127,19 +128,12 @@ def make_spectrum(wave, flux, sigma=None, *, medium: str, wave_unit="Angstrom",
     label = name or "spectrum"
     wave = np.asarray(wave, dtype=float).ravel() * _wave_factor(wave_unit)
     flux = np.asarray(flux, dtype=float).ravel()
-    if wave.size == 0 or flux.size == 0:
-        raise SpectrumError(f"{label}: empty spectrum")
-    if wave.shape != flux.shape:
-        raise SpectrumError(f"{label}: wavelength ({wave.size}) and flux ({flux.size}) differ in length")
+    if wave.size and not np.all(np.isfinite(wave)):
+        raise SpectrumError(f"{label}: wavelengths contain NaN/inf")
+    validate_spectrum(wave, flux, name=label)        # empty, lengths, all-NaN flux, monotonic
     if wave.size < 10:
         raise SpectrumError(f"{label}: only {wave.size} pixels")
-    if not np.all(np.isfinite(wave)):
-        raise SpectrumError(f"{label}: wavelengths contain NaN/inf")
     d = np.diff(wave)
-    if not (np.all(d > 0) or np.all(d < 0)):
-        raise SpectrumError(f"{label}: wavelengths are not strictly monotonic")
-    if np.all(~np.isfinite(flux)):
-        raise SpectrumError(f"{label}: flux is all NaN/inf")
     ffac = _flux_factor(flux_unit)
     flags = []
     if sigma is None:
