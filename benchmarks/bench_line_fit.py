@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import astropy.units as u
 from astropy.modeling import models
-from astropy.table import Table
 
 from specred.analysis import find_redshift, fit_lines, load_spectrum
 from specred.analysis import lines as L

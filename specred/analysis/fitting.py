@@ -31,7 +31,6 @@ import numpy as np
 import astropy.units as u
 import lmfit
 from astropy.table import QTable, Table
-from scipy.special import erf
 
 from ..errors import SpectrumError
 from . import lines as L
@@ -219,14 +218,10 @@ class _Model:
         edges[1:-1] = 0.5 * (w[1:] + w[:-1])
         edges[0] = w[0] - (edges[1] - w[0])
         edges[-1] = w[-1] + (w[-1] - edges[-2])
-        self.a = edges[idx]
-        self.b = edges[idx + 1]
-        self.inv_width = 1.0 / (self.b - self.a)
-        self.pix2_12 = (self.b - self.a) ** 2 / 12.0
+        self.pix2_12 = (edges[idx + 1] - edges[idx]) ** 2 / 12.0     # variance of the pixel box
         self.wave = w[idx]
         self.y = spec.flux[idx]
         self.w = 1.0 / spec.sigma[idx]
-        self.idx = idx
         self.lsf = np.where(np.isfinite(spec.lsf_sigma_kms[idx]), spec.lsf_sigma_kms[idx], 0.0)
         self.lsf_line = np.interp(self.rest * (1 + self.z0), self.wave, self.lsf)
         # segments: break where consecutive selected pixels are not neighbours
@@ -531,7 +526,6 @@ def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc,
     for j, k in enumerate(free):
         theta_err[k] = np.sqrt(cov[j, j]) if cov[j, j] >= 0 else np.nan
     beta_cov = cov[nf:, nf:]
-    mc_samples = None
     if mc and mc > 1:
         rng = np.random.default_rng(seed)
         sig = 1.0 / model.w
@@ -545,10 +539,9 @@ def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc,
         th_s, be_s = np.array(th_s), np.array(be_s)
         theta_err = np.where(np.array(model.vary), np.std(th_s, axis=0, ddof=1), np.nan)
         beta_cov = np.cov(be_s.T)
-        mc_samples = (th_s, be_s)
         method = f"mc{int(mc)}"
-    return _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, free, cov, chi2, dof,
-                    redchi, method, detect_snr, mc_samples)
+    return _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, A, chi2, dof,
+                    redchi, method, detect_snr)
 
 
 def _uncovered(spec, name, group, z):
@@ -559,9 +552,9 @@ def _uncovered(spec, name, group, z):
                    nan, nan, nan, covered=False, flags="NOT_COVERED")
 
 
-def _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, free, cov, chi2, dof, redchi,
-             method, detect_snr, mc_samples):
-    nc, na = model.n_cont, model.n_amp
+def _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, A, chi2, dof, redchi,
+             method, detect_snr):
+    nc = model.n_cont
     out = []
     group_z, group_zerr, group_sig = {}, {}, {}
     slot_err = {}
@@ -629,7 +622,6 @@ def _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, 
             fwhm_kms_err=float(FWHM_PER_SIGMA * sig_err) if sig > 0 else float("nan"),
             continuum=cont, covered=True, flags=",".join(flags)))
     abs_sig = float(theta[-1]) if model.n_abs else float("nan")
-    A = model.design(theta)
     return LineFitResult(spec.name, float(z), tuple(out), tuple(g.name for g in groups), group_z, group_zerr,
                          group_sig, chi2, dof, float(redchi), int(model.wave.size), method, abs_sig,
                          ",".join(model.flags), (model.wave.copy(), A @ beta))

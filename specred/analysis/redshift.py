@@ -180,9 +180,8 @@ def _kernel(comp_lines, ref, sigma_kms, lsf_kms, dx):
 
 
 def _template_score(ls: _LogSpec, components, sigma_kms, residual, z_grid_u):
-    """Score per z (on the ln(1+z) grid ``z_grid_u``) and per-component amplitudes."""
+    """Score per z (on the ln(1+z) grid ``z_grid_u``)."""
     score = np.zeros(z_grid_u.size)
-    ncov = np.zeros(z_grid_u.size)
     rw = residual * ls.ivar
     for name, comp, sign in components:
         ref = L.rest_wavelength(comp[int(np.argmax([a for _, a in comp]))][0])
@@ -198,8 +197,7 @@ def _template_score(ls: _LogSpec, components, sigma_kms, residual, z_grid_u):
         ok &= vv > 0.5 * np.median(v[v > 0]) if np.any(v > 0) else ok
         nu = np.where(ok, sign * c[pv] / np.sqrt(np.where(vv > 0, vv, 1.0)), 0.0)
         score += np.where(ok, np.maximum(nu, 0.0) ** 2 - 0.5, 0.0)
-        ncov += ok
-    return score, ncov
+    return score
 
 
 def _peaks(score, u_grid, n, sep_u):
@@ -242,25 +240,23 @@ def _template_columns(template, ls):
     """(names, ln rest λ, σ in ln λ, sign, expected EW or NaN) of the template's lines."""
     names = list(FIT_LINES[template])
     lsf = ls.lsf_kms
+    extra = ()
     if template == "absorption":
         names = [n for n in names if n in ABSORPTION_SIGMA_AA]
         wid = [np.hypot(np.hypot(ABSORPTION_SIGMA_AA[n] / L.rest_wavelength(n) * C_KMS, 250.0), lsf) for n in names]
         sign = [-1.0] * len(names)
-        names += list(PASSIVE_EMISSION)
-        wid += [np.hypot(150.0, lsf)] * len(PASSIVE_EMISSION)
-        sign += [1.0] * len(PASSIVE_EMISSION)
+        extra = PASSIVE_EMISSION
     else:
         wid = [np.hypot(FILTER_SIGMA[template], lsf)] * len(names)
         sign = [1.0] * len(names)
         if template == "qso":
-            names += list(QSO_NARROW_FIT)
-            wid += [np.hypot(150.0, lsf)] * len(QSO_NARROW_FIT)
-            sign += [1.0] * len(QSO_NARROW_FIT)
+            extra = QSO_NARROW_FIT
+    # the template's own lines carry their expected EW; the extra narrow lines none
     ew = EXPECTED_EW.get(template, {})
-    exp_ew = np.array([ew.get(n, np.nan) if (sg < 0 or template == "qso") and i < len(FIT_LINES[template]) + 0 else np.nan
-                       for i, (n, sg) in enumerate(zip(names, sign))])
-    if template == "qso":
-        exp_ew[len(FIT_LINES["qso"]):] = np.nan
+    exp_ew = np.array([ew.get(n, np.nan) for n in names] + [np.nan] * len(extra))
+    names += list(extra)
+    wid += [np.hypot(150.0, lsf)] * len(extra)
+    sign += [1.0] * len(extra)
     return names, np.log(L.rest_vac(names)), np.array(wid) / C_KMS, np.array(sign), exp_ew
 
 
@@ -339,7 +335,7 @@ def _global_score(ls: _LogSpec, template: str, z: float, n_shift: int = 4) -> tu
 
 
 # ============================================================================ step 2
-def _groups_for(template, z, spec):
+def _groups_for(template):
     names = FIT_LINES[template]
     if template == "qso":
         return [broad_group(names, max_shift_kms=2500.0, sigma_kms=1800.0, sigma_max_kms=6000.0),
@@ -348,27 +344,6 @@ def _groups_for(template, z, spec):
     if template == "absorption":
         return [LineGroup("absorption", names, sigma_kms=250.0, sigma_max_kms=700.0, max_shift_kms=600.0)]
     return [narrow_group(names, sigma_kms=80.0, sigma_max_kms=700.0, max_shift_kms=600.0)]
-
-
-def _significance(fit: LineFitResult, template: str) -> tuple[float, int]:
-    """Σ S/N² of correctly signed lines (tied doublets once) and the number at S/N >= 5."""
-    sign = TEMPLATE_SIGN[template]
-    tot, n5 = 0.0, 0
-    seen = set()
-    for ln in fit.lines:
-        if not ln.covered or not np.isfinite(ln.snr):
-            continue
-        key = {"OIII_4959": "OIII_5007", "NII_6548": "NII_6584"}.get(ln.name, ln.name)
-        if key in seen and key != ln.name:
-            continue
-        seen.add(key)
-        s = sign * ln.snr
-        if ln.group == "narrow" and template == "qso":
-            s = ln.snr
-        if s > 0:
-            tot += s * s
-            n5 += s >= 5
-    return tot, n5
 
 
 # ============================================================================ step 3
@@ -459,15 +434,15 @@ def find_redshift(spec: AnalysisSpectrum, *, z_min: float = 0.0, z_max: float = 
     cands = []
     for t in templates:
         if t == "emission":
-            sc, _ = _template_score(ls, EMISSION_COMPONENTS, FILTER_SIGMA[t], ls.r_narrow, u_grid)
+            sc = _template_score(ls, EMISSION_COMPONENTS, FILTER_SIGMA[t], ls.r_narrow, u_grid)
             sep = 1500.0
         elif t == "qso":
-            sc, _ = _template_score(ls, QSO_COMPONENTS, FILTER_SIGMA[t], ls.r_broad, u_grid)
-            sc2, _ = _template_score(ls, QSO_NARROW_COMPONENTS, 200.0, ls.r_narrow, u_grid)
+            sc = _template_score(ls, QSO_COMPONENTS, FILTER_SIGMA[t], ls.r_broad, u_grid)
+            sc2 = _template_score(ls, QSO_NARROW_COMPONENTS, 200.0, ls.r_narrow, u_grid)
             sc = sc + np.maximum(sc2, 0.0)
             sep = 6000.0
         elif t == "absorption":
-            sc, _ = _template_score(ls, ABSORPTION_COMPONENTS, FILTER_SIGMA[t], ls.r_narrow, u_grid)
+            sc = _template_score(ls, ABSORPTION_COMPONENTS, FILTER_SIGMA[t], ls.r_narrow, u_grid)
             sep = 2500.0
         else:
             raise ValueError(f"unknown template {t!r} (emission, qso, absorption)")
@@ -488,7 +463,7 @@ def find_redshift(spec: AnalysisSpectrum, *, z_min: float = 0.0, z_max: float = 
     if gain < min_score:
         return _none(spec, "BELOW_MIN_SCORE", candidates=cand_out, score=gain)
     try:
-        fit = fit_lines(spec, zc, groups=_groups_for(t, zc, spec), window_kms=4000.0 if t != "qso" else 15000.0)
+        fit = fit_lines(spec, zc, groups=_groups_for(t), window_kms=4000.0 if t != "qso" else 15000.0)
     except Exception as exc:  # noqa: BLE001 - reported as a flag, the batch goes on
         return _none(spec, f"FIT_FAILED:{type(exc).__name__}", candidates=cand_out, score=gain)
     zf = fit.group_z.get({"emission": "narrow", "qso": "broad", "absorption": "absorption"}[t], zc)
@@ -509,7 +484,7 @@ def _none(spec, flag, candidates=(), score=np.nan):
 
 def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, exclude_sky, exclude_telluric,
              edge_fwhm) -> Redshift:
-    groups = _groups_for(template, z0, spec)
+    groups = _groups_for(template)
     # re-centre the tied fit on the chosen redshift, with the stellar Balmer absorption
     # option for emission-line galaxies
     fit = fit_lines(spec, z0, groups=[replace(g, max_shift_kms=min(g.max_shift_kms, 400.0)) for g in groups],

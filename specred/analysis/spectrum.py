@@ -344,10 +344,8 @@ def _from_sdss(hdul, *, medium, name) -> AnalysisSpectrum:
             lsf = np.where(np.isfinite(lsf), lsf, np.nanmedian(lsf))
         else:
             lsf = None
+    # and_mask bits (NOSKY, BRIGHTSKY, ...) are informational: pixels without data have ivar = 0
     mask = None
-    if "and_mask" in names:
-        # NOSKY, BRIGHTSKY.. are informational; reject only pixels with no data (ivar=0 handles it)
-        mask = None
     meta = {k: v for k, v in hdul[0].header.items() if k not in ("COMMENT", "HISTORY", "")}
     meta["format"] = "sdss"
     for extname in ("SPECOBJ", "SPALL"):
