@@ -198,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--medium", choices=["air", "vacuum"], default=None,
                    help="wavelength medium when the file does not state it")
     s.add_argument("--mc", type=int, default=0, metavar="N", help="Monte-Carlo errors from N noise realisations")
-    s.add_argument("--balmer-absorption", choices=["no", "yes", "auto"], default="auto",
-                   help="stellar absorption under the Balmer lines (default auto: kept if significant)")
+    s.add_argument("--stellar-continuum", choices=["no", "yes", "auto"], default="auto",
+                   help="fit an E-MILES stellar-population continuum first (default auto: used when the "
+                        "templates describe the continuum clearly better than a smooth curve)")
+    s.add_argument("--balmer-absorption", choices=["no", "yes", "auto"], default="yes",
+                   help="without stellar templates: a Gaussian absorption under the Balmer lines "
+                        "(default yes; auto keeps it only if it lowers chi2 by > 11.8)")
     s.add_argument("--out", default=None, help="ECSV table to write (default: SPECTRUM stem + _lines.ecsv)")
     s.set_defaults(func=cmd_fit)
 
@@ -230,8 +234,13 @@ def cmd_fit(args) -> int:
                  f"{zres.n_lines} features: {', '.join(zres.lines)})")
     else:
         z = args.z
-    absorption = {"no": False, "yes": True, "auto": "auto"}[args.balmer_absorption]
-    res = fit_lines(spec, z, args.lines, mc=args.mc, balmer_absorption=absorption)
+    choice = {"no": False, "yes": True, "auto": "auto"}
+    res = fit_lines(spec, z, args.lines, mc=args.mc, balmer_absorption=choice[args.balmer_absorption],
+                    stellar_continuum=choice[args.stellar_continuum])
+    if res.stellar is not None:
+        sc = res.stellar
+        log.info(f"stellar continuum: sigma* = {sc.sigma_star_kms:.0f} km/s, light-weighted age "
+                 f"{sc.age_gyr:.1f} Gyr, chi2/dof {sc.redchi:.2f}")
     tab = QTable(res.to_table())
     tab.meta["spectrum"] = str(args.spectrum)
     if zres is not None:

@@ -268,28 +268,32 @@ def test_real_spectra_redshifts(real):
             assert zr.template == "qso"
 
 
-def test_real_spectra_line_fluxes_of_emission_dominated_galaxies(real):
-    """Fluxes against SDSS SPZLINE where the emission dominates the stellar continuum.
+def test_real_spectra_line_fluxes_against_sdss(real):
+    """Fluxes against SDSS SPZLINE, for lines the catalogue measures at S/N > 10.
 
-    SDSS measures its lines after subtracting a stellar-population model; specred fits a
-    local continuum plus an optional Balmer absorption Gaussian.  Where the lines have
-    S/N > 10 and EW(Hα) > 10 Å they agree within 10 % for the forbidden lines and Hα of
-    NGC 3073 and within 20 % for the Balmer lines of the Seyfert 2 KUG 0028+000, whose
-    Balmer emission sits in stellar absorption (see the issue note for the ellipticals)."""
-    keys = {"hb": "Hbeta", "oiii5007": "OIII_5007", "ha": "Halpha", "nii6584": "NII_6584"}
-    for fn in ("NGC3073_SDSS_DR18.fits", "KUG_0028+000.fits"):
-        r = real[real["file"] == fn][0]
-        sp = load_spectrum(REAL_SPECTRA / fn)
-        res = fit_lines(sp, float(r["z_truth"]), balmer_absorption="auto")
+    SDSS measures its lines above a stellar-population model; so does specred here
+    (E-MILES templates, ``stellar_continuum='auto'``).  Two cases are left out of the 10 %
+    check, with reasons in the issue note: NGC 3073, which the SDSS pipeline fitted with
+    an A0 *star* template (its CLASS is STAR), and Hα of NGC 4636, whose emission EW
+    (~2 Å) equals the stellar Hα absorption under it, so the flux is as uncertain as the
+    template difference (we measure +32 %)."""
+    keys = {"hb": "Hbeta", "oiii5007": "OIII_5007", "ha": "Halpha", "nii6584": "NII_6584",
+            "sii6717": "SII_6717", "sii6731": "SII_6731"}
+    checked = 0
+    for r in real:
+        if r["sdss_class"] != "GALAXY":
+            continue
+        sp = load_spectrum(REAL_SPECTRA / r["file"])
+        res = fit_lines(sp, float(r["z_truth"]), list(keys.values()) + ["OIII_4959", "NII_6548"],
+                        balmer_absorption=True, stellar_continuum="auto")
+        assert res.stellar is not None and res.stellar.significant, r["file"]
         for k, n in keys.items():
             t, e = r[f"f_{k}"] * 1e-17, r[f"e_{k}"] * 1e-17
-            if t / e <= 10:
+            if not t / e > 10 or (r["file"].startswith("NGC4636") and n == "Halpha"):
                 continue
-            tol = 0.20 if n in ("Hbeta", "Halpha") else 0.10
-            assert res[n].flux == pytest.approx(t, rel=tol), (fn, n, res[n].flux, t)
-        sii = res["SII_6717"].flux + res["SII_6731"].flux
-        t = (r["f_sii6717"] + r["f_sii6731"]) * 1e-17
-        assert sii == pytest.approx(t, rel=0.10)
+            assert res[n].flux == pytest.approx(t, rel=0.10), (r["file"], n, res[n].flux, t)
+            checked += 1
+    assert checked == 9
 
 
 # ---------------------------------------------------------------------------- command line

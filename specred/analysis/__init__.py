@@ -4,13 +4,15 @@
     >>> spec = load_spectrum("OUT/spectra/J0407_EFOSC2.fits")     # any medium, any units
     >>> zres = find_redshift(spec)                                # Redshift dataclass
     >>> fits = fit_lines(spec, zres.z)                            # the BPT lines, tied
+    >>> fits = fit_lines(spec, zres.z, stellar_continuum="auto")  # on top of E-MILES SSPs
     >>> fits["Halpha"].flux, fits["Halpha"].flux_err               # erg/s/cm2
 """
 from .fitting import LineFit, LineFitResult, LineGroup, broad_group, fit_lines, narrow_group
 from .lines import BPT_LINES, rest_wavelength
 from .redshift import Redshift, find_redshift
 from .spectrum import AnalysisSpectrum, load_spectrum, make_spectrum
+from .stellar import StellarContinuum, fit_stellar_continuum
 
 __all__ = ["AnalysisSpectrum", "load_spectrum", "make_spectrum", "LineFit", "LineFitResult", "LineGroup",
            "narrow_group", "broad_group", "fit_lines", "Redshift", "find_redshift", "BPT_LINES",
-           "rest_wavelength"]
+           "rest_wavelength", "StellarContinuum", "fit_stellar_continuum"]

@@ -131,6 +131,7 @@ class LineFitResult:
     absorption_sigma_kms: float = float("nan")
     flags: str = ""
     model: tuple = field(default=(), compare=False, repr=False)   # (wave_vac, model) of fitted pixels
+    stellar: object = field(default=None, compare=False, repr=False)  # StellarContinuum subtracted, if any
 
     def __getitem__(self, name: str) -> LineFit:
         for ln in self.lines:
@@ -153,6 +154,11 @@ class LineFitResult:
                        "redchi": self.redchi, "method": self.method, "flags": self.flags,
                        "flux_unit": "erg s-1 cm-2", "ew": "rest frame, positive = emission",
                        "fwhm": "intrinsic (instrumental resolution removed), km/s"})
+        sc = self.stellar
+        q.meta["continuum"] = "local polynomial" if sc is None else "stellar population + local polynomial"
+        if sc is not None:
+            q.meta.update({"sigma_star_kms": sc.sigma_star_kms, "stellar_dv_kms": sc.dv_kms,
+                           "stellar_age_gyr": sc.age_gyr, "stellar_redchi": sc.redchi})
         return q
 
 
@@ -388,6 +394,16 @@ def _fit_theta(model: _Model, theta0, y=None, grid=True):
                 cands.append(t)
             chi = model.chi2_grid(cands)
             theta[k] = dvs[int(np.argmin(chi))]
+        if model.n_abs and vary[-1]:
+            # the absorption width too: from a single start the optimiser can slide into a
+            # broad trough that mimics the continuum instead of the stellar line
+            sigs = np.geomspace(model.lo[-1], model.hi[-1], 9)
+            cands = []
+            for sa in sigs:
+                t = theta.copy()
+                t[-1] = sa
+                cands.append(t)
+            theta[-1] = sigs[int(np.argmin(model.chi2_grid(cands)))]
     if not np.any(vary):
         return theta
     params = lmfit.Parameters()
@@ -469,7 +485,8 @@ def _prepare(spec, z, lines, groups):
 
 def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, continuum_order: int = 1,
               window_kms: float = 3000.0, edge_kms: float = 0.0, detect_snr: float = 3.0,
-              mc: int = 0, seed: int | None = 0, balmer_absorption: bool | str = False) -> LineFitResult:
+              mc: int = 0, seed: int | None = 0, balmer_absorption: bool | str = False,
+              stellar_continuum=False) -> LineFitResult:
     """Fit emission lines of ``spec`` at redshift ``z``.
 
     ``lines``: catalogue names fitted as one narrow group (default: the BPT lines);
@@ -478,10 +495,23 @@ def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, cont
     ``balmer_absorption``: True adds an absorption Gaussian under every Balmer line of the
     narrow groups; 'auto' keeps it only if it improves χ² by more than 11.8 (the 3σ level
     for its two extra parameters).
+    ``stellar_continuum``: True fits a stellar-population continuum
+    (:func:`~specred.analysis.stellar.fit_stellar_continuum`) and fits the lines on the
+    spectrum minus that model (the local polynomial then only absorbs the mismatch, EWs are
+    relative to stars + polynomial, and no Balmer absorption Gaussian is needed); 'auto' does
+    so when the templates beat a smooth continuum significantly (absorption features seen)
+    and the redshift puts the spectrum in their range; a
+    :class:`~specred.analysis.stellar.StellarContinuum` is used as given.
     ``mc``: number of Monte-Carlo noise realisations for the errors (0: covariance).
     Lines outside the spectrum (or in masked gaps) are reported with ``covered=False``.
     """
     groups = _prepare(spec, z, lines, groups)
+    sc = _stellar(spec, z, stellar_continuum)
+    if sc is not None:
+        base = np.where(np.isfinite(sc.model), sc.model, 0.0)
+        sub = replace(spec, flux=spec.flux - base)
+        res = _fit(sub, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed, base=base)
+        return replace(res, stellar=sc)
     if balmer_absorption:
         with_abs = [replace(g, absorption=tuple(n for n in g.lines if n in L.BALMER)) if g.sigma_kms < 1000 else g
                     for g in groups]
@@ -499,8 +529,28 @@ def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, cont
     return _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed)
 
 
+def _stellar(spec, z, how):
+    """The stellar continuum to subtract (None: none) for the ``stellar_continuum`` option."""
+    from .stellar import StellarContinuum, fit_stellar_continuum
+    if how is None or how is False:
+        return None
+    if isinstance(how, StellarContinuum):
+        if how.model.shape != spec.wave.shape:
+            raise SpectrumError("stellar_continuum: the model was fitted to a different spectrum")
+        return how
+    if how not in (True, "auto"):
+        raise SpectrumError(f"stellar_continuum must be True, False, 'auto' or a StellarContinuum, not {how!r}")
+    try:
+        sc = fit_stellar_continuum(spec, z)
+    except SpectrumError:
+        if how == "auto":
+            return None
+        raise
+    return sc if (how is True or sc.significant) else None
+
+
 def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed,
-         wide_balmer=False) -> LineFitResult:
+         wide_balmer=False, base=None) -> LineFitResult:
     model = _Model(spec, z, groups, continuum_order=continuum_order, window_kms=window_kms, edge_kms=edge_kms,
                    wide_balmer=wide_balmer)
     if model.n_lines == 0:
@@ -541,7 +591,7 @@ def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc,
         beta_cov = np.cov(be_s.T)
         method = f"mc{int(mc)}"
     return _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, A, chi2, dof,
-                    redchi, method, detect_snr)
+                    redchi, method, detect_snr, base)
 
 
 def _uncovered(spec, name, group, z):
@@ -553,7 +603,7 @@ def _uncovered(spec, name, group, z):
 
 
 def _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, A, chi2, dof, redchi,
-             method, detect_snr):
+             method, detect_snr, base=None):
     nc = model.n_cont
     out = []
     group_z, group_zerr, group_sig = {}, {}, {}
@@ -591,6 +641,8 @@ def _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, 
         vec = np.zeros(beta.size)
         vec[seg * order:(seg + 1) * order] = x ** np.arange(order)
         cont = float(vec @ beta)
+        if base is not None:                     # stars subtracted before the fit
+            cont += float(np.interp(mu, spec.wave, base))
         gvec = np.zeros(beta.size)
         gvec[nc + a] = coef
         cvar = float(vec @ beta_cov @ vec)
@@ -624,4 +676,5 @@ def _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, 
     abs_sig = float(theta[-1]) if model.n_abs else float("nan")
     return LineFitResult(spec.name, float(z), tuple(out), tuple(g.name for g in groups), group_z, group_zerr,
                          group_sig, chi2, dof, float(redchi), int(model.wave.size), method, abs_sig,
-                         ",".join(model.flags), (model.wave.copy(), A @ beta))
+                         ",".join(model.flags),
+                         (model.wave.copy(), A @ beta + (0.0 if base is None else np.interp(model.wave, spec.wave, base))))

@@ -24,7 +24,8 @@
    (the Birge ratio) — the scatter between lines, as the paper uses it (mean absolute
    difference between the lines' redshifts), is also reported (``z_scatter``).  Broad QSO
    lines carry an extra 250 km/s per line for their intrinsic shifts against the systemic
-   redshift (Shen et al. 2016, ApJ 831, 7: 200–400 km/s for Mg II, Hβ, C III]).
+   redshift (Shen et al. 2016, ApJ 831, 7: 200–400 km/s for Mg II, Hβ, C III]); C IV is
+   corrected for its median blueshift and carries its spread (``CIV_BLUESHIFT_KMS``).
 
 The quality flag: ``good`` (>= 2 features at S/N >= 5 and a clear margin), ``single_line``
 (one significant feature: the identification rests on the template), ``low`` (weak
@@ -102,6 +103,11 @@ TEMPLATE_SIGN = {"emission": 1, "qso": 1, "absorption": -1}
 #: intrinsic velocity width (σ, km/s) assumed for the matched filters
 FILTER_SIGMA = {"emission": 80.0, "qso": 2000.0, "absorption": 350.0}
 BROAD_SYS_KMS = 250.0
+#: C IV is blueshifted against the systemic redshift: median 824 km/s relative to Mg II
+#: (Richards et al. 2002, AJ 124, 1), with a quasar-to-quasar spread of ~500 km/s
+#: (Shen et al. 2016, ApJ 831, 7); a C IV redshift is corrected by the median and carries
+#: the spread as its systematic error.
+CIV_BLUESHIFT_KMS = (824.0, 500.0)
 
 
 @dataclass(frozen=True)
@@ -509,7 +515,11 @@ def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, ex
         if zg is None or not np.isfinite(ez) or ez <= 0:
             continue
         if grp.sigma_kms >= 1000:        # broad lines: intrinsic shifts against systemic
-            ez = float(np.hypot(ez, BROAD_SYS_KMS * (1 + zg) / C_KMS))
+            if members[0] == "CIV_1549":
+                zg = (1 + zg) * (1 + CIV_BLUESHIFT_KMS[0] / C_KMS) - 1
+                ez = float(np.hypot(ez, CIV_BLUESHIFT_KMS[1] * (1 + zg) / C_KMS))
+            else:
+                ez = float(np.hypot(ez, BROAD_SYS_KMS * (1 + zg) / C_KMS))
         key = "+".join(members)
         obs = L.rest_wavelength(members[0]) * (1 + zg)
         lsf = spec.lsf_sigma_at(obs)
@@ -532,6 +542,8 @@ def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, ex
     if not zs:
         zt = fit.group_z.get(groups[0].name, z0)
         et = fit.group_z_err.get(groups[0].name, np.nan)
+        if groups[0].sigma_kms >= 1000:
+            et = float(np.hypot(et, BROAD_SYS_KMS * (1 + zt) / C_KMS))
         return Redshift(spec.name, float(zt), float(et), float("nan"), "low", template, 0, (), {}, excluded,
                         float(sig), float(margin), candidates, "NO_LINE_ABOVE_MIN_SNR", fit)
     zs, es = np.array(zs), np.array(es)
