@@ -542,8 +542,9 @@ def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, ex
     if not zs:
         zt = fit.group_z.get(groups[0].name, z0)
         et = fit.group_z_err.get(groups[0].name, np.nan)
-        if groups[0].sigma_kms >= 1000:
-            et = float(np.hypot(et, BROAD_SYS_KMS * (1 + zt) / C_KMS))
+        # no single feature confirms the match: the error is at least the width of the
+        # template's features (the candidate could sit anywhere within them)
+        et = float(np.hypot(et, FILTER_SIGMA[template] * (1 + zt) / C_KMS))
         return Redshift(spec.name, float(zt), float(et), float("nan"), "low", template, 0, (), {}, excluded,
                         float(sig), float(margin), candidates, "NO_LINE_ABOVE_MIN_SNR", fit)
     zs, es = np.array(zs), np.array(es)

@@ -196,15 +196,17 @@ def fit_stellar_continuum(spec: AnalysisSpectrum, z: float, *, templates: Stella
     idx = np.where(use)[0]
     y = spec.flux[idx]
     w = 1.0 / spec.sigma[idx]
-    lnr = np.log(rest[idx])
     x = np.linspace(-1, 1, spec.wave.size)[idx]       # polynomial variable over the whole spectrum
     P = _legendre(x, mdegree)
-    sig_t = t.fwhm_aa / FWHM_PER_SIGMA / rest[idx] * C_KMS
     ladder2 = _LADDER ** 2
 
-    def columns(dv, sstar, src=None):
-        """Templates (all, or the broadened ladder ``src`` of one mix) at the pixels."""
-        need2 = np.maximum(sstar ** 2 + lsf[idx] ** 2 - sig_t ** 2, 0.0)
+    def columns(dv, sstar, src=None, pix=None):
+        """Templates (all, or the broadened ladder ``src`` of one mix) at the fitted pixels
+        (or at the pixels ``pix``)."""
+        pix = idx if pix is None else pix
+        lnr = np.log(rest[pix])
+        sig_t = t.fwhm_aa / FWHM_PER_SIGMA / rest[pix] * C_KMS
+        need2 = np.maximum(sstar ** 2 + lsf[pix] ** 2 - sig_t ** 2, 0.0)
         k = np.clip(np.searchsorted(ladder2, need2) - 1, 0, _LADDER.size - 2)
         f = (need2 - ladder2[k]) / (ladder2[k + 1] - ladder2[k])
         pos = (lnr - dv / C_KMS - t.ln_wave[0]) / (t.ln_wave[1] - t.ln_wave[0])
@@ -298,10 +300,8 @@ def fit_stellar_continuum(spec: AnalysisSpectrum, z: float, *, templates: Stella
     # the model at every pixel in range (not only the fitted ones)
     full = np.full(spec.wave.size, np.nan)
     allidx = np.where(inrange)[0]
-    idx, lnr = allidx, np.log(rest[allidx])
-    sig_t = t.fwhm_aa / FWHM_PER_SIGMA / rest[allidx] * C_KMS
     xa = np.linspace(-1, 1, spec.wave.size)[allidx]
-    full[allidx] = columns(dv, sstar) @ wts * (_legendre(xa, mdegree) @ c_final)
+    full[allidx] = columns(dv, sstar, pix=allidx) @ wts * (_legendre(xa, mdegree) @ c_final)
     lw = wts * np.median(cols, axis=0)
     lw = lw / lw.sum()
     return StellarContinuum(full, (float(spec.wave[allidx[0]]), float(spec.wave[allidx[-1]])), sstar, dv,
