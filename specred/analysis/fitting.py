@@ -34,10 +34,10 @@ from astropy.table import QTable, Table
 
 from ..errors import SpectrumError
 from . import lines as L
-from .spectrum import AnalysisSpectrum, C_KMS
+from .spectrum import C_KMS, FWHM_PER_SIGMA, AnalysisSpectrum
+from .stellar import StellarContinuum, fit_stellar_continuum
 
 SQRT2 = np.sqrt(2.0)
-FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
 @dataclass(frozen=True)
@@ -531,7 +531,6 @@ def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, cont
 
 def _stellar(spec, z, how):
     """The stellar continuum to subtract (None: none) for the ``stellar_continuum`` option."""
-    from .stellar import StellarContinuum, fit_stellar_continuum
     if how is None or how is False:
         return None
     if isinstance(how, StellarContinuum):

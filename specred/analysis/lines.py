@@ -65,6 +65,11 @@ def rest_wavelength(name: str, medium: str = "vacuum") -> float:
     return cat[name][0] if medium == "vacuum" else cat[name][1]
 
 
+def emission_rest_vac() -> np.ndarray:
+    """Vacuum rest wavelengths (Å) of every catalogue line that can appear in emission."""
+    return np.array([v[0] for v in _catalogue().values() if v[3] in ("emission", "both")])
+
+
 def rest_vac(names) -> np.ndarray:
     return np.array([rest_wavelength(n) for n in names])
 

@@ -28,6 +28,7 @@ from ..errors import SpectrumError
 from ..spectrum_io import validate_spectrum
 
 C_KMS = 299792.458
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 FLAM = u.Unit("erg s-1 cm-2 AA-1")
 
 #: Instrumental line-spread FWHM in *pixels* assumed when a file states neither ``LSFPIX``

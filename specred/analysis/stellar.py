@@ -41,10 +41,7 @@ from scipy.optimize import nnls
 from .. import calib
 from ..errors import SpectrumError
 from . import lines as L
-from .spectrum import AnalysisSpectrum
-
-C_KMS = 299792.458
-FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+from .spectrum import C_KMS, FWHM_PER_SIGMA, AnalysisSpectrum
 
 #: MILES resolution in 3540–8950 Å (Falcón-Barroso et al. 2011): 2.51 Å FWHM.
 MILES_FWHM_AA = 2.51
@@ -61,18 +58,19 @@ _LADDER = np.array([0.0, 20, 40, 60, 80, 100, 125, 150, 180, 210, 245, 285, 330,
 
 @dataclass(frozen=True)
 class StellarTemplates:
-    """SSP spectra on a log-uniform rest-frame vacuum grid, each normalised to median 1."""
+    """SSP spectra on a log-uniform rest-frame vacuum grid, each normalised to median 1,
+    at every rung of the extra-broadening ladder (rung 0: as published)."""
     ln_wave: np.ndarray          # ln(rest vacuum Å), uniform step
-    flux: np.ndarray             # (n_templates, n_pix)
+    ladder: np.ndarray = field(repr=False)   # (n_rungs, n_templates, n_pix)
     age_gyr: np.ndarray
     metal: np.ndarray            # [M/H]
     fwhm_aa: float
     source: str
-    ladder: np.ndarray = field(repr=False, default=None)        # (n_rungs, n_templates, n_pix)
 
     @property
-    def step_kms(self) -> float:
-        return float((self.ln_wave[1] - self.ln_wave[0]) * C_KMS)
+    def flux(self) -> np.ndarray:
+        """The unbroadened templates, (n_templates, n_pix)."""
+        return self.ladder[0]
 
 
 def _ppxf_models_dir() -> Path:
@@ -113,8 +111,8 @@ def miles_templates(ages=BASIS_AGES_GYR, metals=BASIS_METALS) -> StellarTemplate
     flux = np.array(flux)
     sig_pix = _LADDER / TEMPLATE_STEP_KMS
     ladder = np.array([flux if s == 0 else gaussian_filter1d(flux, s, axis=1, mode="nearest") for s in sig_pix])
-    return StellarTemplates(ln_grid, flux, np.array(age_out), np.array(met_out), MILES_FWHM_AA,
-                            "E-MILES SSPs (Vazdekis et al. 2016), Kroupa IMF, via ppxf 8.2.6", ladder)
+    return StellarTemplates(ln_grid, ladder, np.array(age_out), np.array(met_out), MILES_FWHM_AA,
+                            "E-MILES SSPs (Vazdekis et al. 2016), Kroupa IMF, via ppxf 8.2.6")
 
 
 @dataclass(frozen=True)
@@ -157,8 +155,7 @@ class StellarContinuum:
 
 def _emission_mask(rest_wave, lsf_kms, mask_kms):
     """True on pixels free of the catalogue's emission lines (±mask_kms + 2.5 σ_LSF)."""
-    cat = L._catalogue()
-    centres = np.array([v[0] for n, v in cat.items() if v[3] in ("emission", "both")])
+    centres = L.emission_rest_vac()
     keep = np.ones(rest_wave.size, bool)
     half = mask_kms + 2.5 * np.where(np.isfinite(lsf_kms), lsf_kms, 0.0)
     for c in centres[(centres > rest_wave[0] - 50) & (centres < rest_wave[-1] + 50)]:
