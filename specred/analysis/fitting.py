@@ -305,71 +305,141 @@ class _Model:
         self.WcTy = self.Wc.T @ self.yw
 
     # ---------------------------------------------------------------- evaluation
-    def _band(self, mu, s_aa):
-        """Unit-flux Gaussians averaged over each pixel, shape (n_pix, n).
+    # Every evaluation takes theta of shape (..., n_theta): a leading batch axis evaluates a
+    # grid of candidates in one vectorised pass.
+    def _band(self, mu, s_aa, derivs=False):
+        """Unit-flux Gaussians averaged over each pixel, shape (..., n_pix, n).
 
         The pixel average of a Gaussian of σ is, to better than 0.1 % for σ >= 1 pixel, a
         Gaussian of σ² + Δλ²/12 sampled at the pixel centre (the variance of the box); that
-        is ~10x cheaper than differences of error functions."""
-        se2 = s_aa[None, :] ** 2 + self.pix2_12[:, None]
-        d = self.wave[:, None] - mu[None, :]
-        return np.exp(-0.5 * d * d / se2) / np.sqrt(2 * np.pi * se2)
+        is ~10x cheaper than differences of error functions.  ``derivs``: also the
+        derivatives with respect to the centre and to the total variance."""
+        se2 = s_aa[..., None, :] ** 2 + self.pix2_12[:, None]
+        d = self.wave[:, None] - mu[..., None, :]
+        g = np.exp(-0.5 * d * d / se2) / np.sqrt(2 * np.pi * se2)
+        if not derivs:
+            return g
+        return g, g * d / se2, g * (0.5 * d * d / se2 - 0.5) / se2
 
-    def _centres(self, theta):
+    def _centres(self, theta, derivs=False):
+        """Observed centres and Gaussian σ (Å) of the fitted lines; ``derivs``: also dμ/ddv,
+        dσ/ddv and dσ/dq."""
         th = np.asarray(theta, float)
-        dv = th[2 * self.slots]
-        sig = th[2 * self.slots + 1]
-        mu = self.rest * (1 + self.z0) * (1 + dv / C_KMS)
-        s_aa = mu / C_KMS * np.sqrt(np.maximum(sig * np.abs(sig) + self.lsf_line ** 2, 1.0))
-        return mu, s_aa
+        dv = th[..., 2 * self.slots]
+        q = th[..., 2 * self.slots + 1]
+        mu0 = self.rest * (1 + self.z0)
+        mu = mu0 * (1 + dv / C_KMS)
+        v2 = q * np.abs(q) + self.lsf_line ** 2
+        root = np.sqrt(np.maximum(v2, 1.0))
+        s_aa = mu / C_KMS * root
+        if not derivs:
+            return mu, s_aa
+        dmu_ddv = mu0 / C_KMS
+        ds_ddv = s_aa / mu * dmu_ddv
+        ds_dq = np.where(v2 > 1.0, mu / C_KMS * np.abs(q) / root, 0.0)
+        return mu, s_aa, dmu_ddv, ds_ddv, ds_dq
+
+    def _abs_sigma(self, theta, mu):
+        sa = np.asarray(theta, float)[..., -1:]
+        m = mu[..., self.abs_lines]
+        root = np.sqrt(sa ** 2 + self.lsf_line[self.abs_lines] ** 2)
+        return m, m / C_KMS * root, m / C_KMS * sa / root
 
     def line_block(self, theta):
         """Columns of the line fluxes (doublets tied) and absorption components."""
         mu, s_aa = self._centres(theta)
         blk = self._band(mu, s_aa) @ self.amp_map
         if self.n_abs:
-            sa = float(np.asarray(theta, float)[-1])
-            m = mu[self.abs_lines]
-            sab = m / C_KMS * np.sqrt(sa ** 2 + self.lsf_line[self.abs_lines] ** 2)
-            blk = np.hstack([blk, -self._band(m, sab)])
+            m, sab, _ = self._abs_sigma(theta, mu)
+            blk = np.concatenate([blk, -self._band(m, sab)], axis=-1)
         return blk
 
     def design(self, theta):
         return np.hstack([self.cont_cols, self.line_block(theta)])
 
-    def solve(self, theta, y=None):
-        """(beta, weighted residual, design) for the non-linear parameters ``theta``.
+    def _gauss_derivs(self, theta):
+        """∂G/∂θ of every unit Gaussian (the lines, then the absorption components), shape
+        (n_pix, n_gauss, n_theta), and the matrix mixing them into the design columns
+        (n_gauss, n_amp + n_abs): analytic, exact to rounding."""
+        theta = np.asarray(theta, float)
+        nl, na = self.n_lines, self.n_abs
+        mu, s_aa, dmu_ddv, ds_ddv, ds_dq = self._centres(theta, derivs=True)
+        _, g_mu, g_v = self._band(mu, s_aa, derivs=True)
+        out = np.zeros((self.wave.size, nl + na, theta.size))
+        rows = np.arange(nl)
+        out[:, rows, 2 * self.slots] = g_mu * dmu_ddv + g_v * 2 * s_aa * ds_ddv
+        out[:, rows, 2 * self.slots + 1] = g_v * 2 * s_aa * ds_dq
+        mix = np.zeros((nl + na, self.n_amp + na))
+        mix[:nl, :self.n_amp] = self.amp_map
+        if na:
+            m, sab, dsab_dsa = self._abs_sigma(theta, mu)
+            _, ga_mu, ga_v = self._band(m, sab, derivs=True)
+            dm = dmu_ddv[self.abs_lines]
+            out[:, nl + np.arange(na), 2 * self.slots[self.abs_lines]] = ga_mu * dm + ga_v * 2 * sab * (sab / m * dm)
+            out[:, nl:, -1] = ga_v * 2 * sab * dsab_dsa
+            mix[nl:, self.n_amp:] = -np.eye(na)
+        return out, mix
 
-        Normal equations with the constant continuum block precomputed, solved after
-        scaling to unit diagonal (the columns differ by many orders of magnitude)."""
+    def model_derivs(self, theta, beta):
+        """∂(A β)/∂θ at fixed linear parameters β, shape (n_pix, n_theta)."""
+        dg, mix = self._gauss_derivs(theta)
+        return np.einsum("pgk,g->pk", dg, mix @ beta[self.n_cont:])
+
+    def solve(self, theta, y=None, jacobian=False):
+        """(beta, weighted residual, Jacobian or None) for the non-linear parameters ``theta``.
+
+        Variable projection: the linear parameters (continuum, fluxes) are solved exactly for
+        each ``theta`` by normal equations scaled to unit diagonal (the columns differ by many
+        orders of magnitude).  A leading batch axis on ``theta`` solves many candidates at
+        once.  ``jacobian``: the exact Jacobian of the projected residual with respect to
+        ``theta`` (Golub & Pereyra 1973; single theta only).  The last single-theta solution
+        is remembered: the optimiser asks for the residual and then the Jacobian of one point."""
+        theta = np.asarray(theta, float)
+        single = theta.ndim == 1
+        if single:
+            key = (theta.tobytes(), None if y is None else np.asarray(y).tobytes())
+            memo = getattr(self, "_memo", None)
+            if memo is not None and memo[0] == key:
+                if jacobian and memo[2] is None:
+                    memo[2] = self._jacobian(theta, *memo[1])
+                return memo[1][0], memo[1][1], (memo[2] if jacobian else None)
         Gw = self.line_block(theta) * self.w[:, None]
         yw = self.yw if y is None else y * self.w
-        rc = self.WcTy if y is None else self.Wc.T @ yw
+        batch = theta.shape[:-1]
         n = self.n_lin
-        N = np.empty((n, n))
-        nc = self.n_cont
-        N[:nc, :nc] = self.WcTWc
-        cross = self.Wc.T @ Gw
-        N[:nc, nc:] = cross
-        N[nc:, :nc] = cross.T
-        N[nc:, nc:] = Gw.T @ Gw
-        rhs = np.concatenate([rc, Gw.T @ yw])
-        d = np.sqrt(np.diag(N))
+        Aw = np.concatenate([np.broadcast_to(self.Wc, batch + self.Wc.shape), Gw], axis=-1)
+        AwT = np.swapaxes(Aw, -1, -2)
+        N = AwT @ Aw
+        d = np.sqrt(np.einsum("...ii->...i", N))
         d[d == 0] = 1.0
-        Ns = N / np.outer(d, d)
+        Ns = N / (d[..., :, None] * d[..., None, :])
+        rhs = (AwT @ yw) / d
         try:
-            beta = np.linalg.solve(Ns, rhs / d) / d
+            beta = np.linalg.solve(Ns, rhs[..., None])[..., 0] / d
         except np.linalg.LinAlgError:
-            beta = np.linalg.lstsq(Ns, rhs / d, rcond=None)[0] / d
-        r = yw - self.Wc @ beta[:nc] - Gw @ beta[nc:]
-        return beta, r, None
+            beta = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in
+                             zip(Ns.reshape(-1, n, n), rhs.reshape(-1, n))]).reshape(batch + (n,)) / d
+        r = yw - (Aw @ beta[..., None])[..., 0]
+        if not single:
+            return beta, r, None
+        state = (beta, r, Aw, Ns, d)
+        J = self._jacobian(theta, *state) if jacobian else None
+        self._memo = [key, state, J]
+        return beta, r, J
+
+    def _jacobian(self, theta, beta, r, Aw, Ns, d):
+        """Golub & Pereyra (1973): dr/dθ_k = -P⊥ (∂A_k β) - (A⁺)ᵀ (∂A_k)ᵀ r, all weighted."""
+        nc = self.n_cont
+        dg, mix = self._gauss_derivs(theta)
+        Dw = np.einsum("pgk,g->pk", dg, mix @ beta[nc:]) * self.w[:, None]
+        v = np.zeros((self.n_lin, theta.size))
+        v[nc:] = mix.T @ np.einsum("pgk,p->gk", dg, r * self.w)
+        x = np.linalg.lstsq(Ns, (Aw.T @ Dw - v) / d[:, None], rcond=None)[0] / d[:, None]
+        return Aw @ x - Dw
 
     def chi2_grid(self, thetas):
-        out = np.empty(len(thetas))
-        for k, th in enumerate(thetas):
-            r = self.solve(th)[1]
-            out[k] = r @ r
-        return out
+        r = self.solve(np.asarray(thetas, float))[1]
+        return np.einsum("...i,...i->...", r, r)
 
 
 # ============================================================================ fitting
@@ -387,35 +457,43 @@ def _fit_theta(model: _Model, theta0, y=None, grid=True):
             step = max(0.5 * np.hypot(theta[k + 1], lsf), 20.0)
             n = int(min(61, 2 * np.ceil((model.hi[k] - model.lo[k]) / 2 / step) + 1))
             dvs = np.linspace(model.lo[k], model.hi[k], max(n, 3))
-            cands = []
-            for dv in dvs:
-                t = theta.copy()
-                t[k] = dv
-                cands.append(t)
-            chi = model.chi2_grid(cands)
-            theta[k] = dvs[int(np.argmin(chi))]
+            cands = np.repeat(theta[None, :], dvs.size, axis=0)
+            cands[:, k] = dvs
+            theta[k] = dvs[int(np.argmin(model.chi2_grid(cands)))]
+            if vary[k + 1]:
+                # and its width at that shift: the optimiser then starts within a step or two
+                # (not at q = 0 exactly, where dσ/dq = 0 would keep it there)
+                qs = np.unique(np.clip(np.array([-0.5, 0.2, 0.5, 1.0, 2.0, 4.0]) * max(abs(theta[k + 1]), 50.0),
+                                       model.lo[k + 1], model.hi[k + 1]))
+                cands = np.repeat(theta[None, :], qs.size, axis=0)
+                cands[:, k + 1] = qs
+                theta[k + 1] = qs[int(np.argmin(model.chi2_grid(cands)))]
         if model.n_abs and vary[-1]:
             # the absorption width too: from a single start the optimiser can slide into a
             # broad trough that mimics the continuum instead of the stellar line
             sigs = np.geomspace(model.lo[-1], model.hi[-1], 9)
-            cands = []
-            for sa in sigs:
-                t = theta.copy()
-                t[-1] = sa
-                cands.append(t)
+            cands = np.repeat(theta[None, :], sigs.size, axis=0)
+            cands[:, -1] = sigs
             theta[-1] = sigs[int(np.argmin(model.chi2_grid(cands)))]
     if not np.any(vary):
         return theta
     params = lmfit.Parameters()
     for name, v, lo, hi, var in zip(model.theta_names, theta, model.lo, model.hi, vary):
-        params.add(name, value=float(np.clip(v, lo, hi)), min=lo, max=hi, vary=bool(var))
+        # start just inside the bounds: at a bound lmfit's bounded transform has zero
+        # gradient and the optimiser could never leave it
+        inset = 0.01 * (hi - lo) if var else 0.0
+        params.add(name, value=float(np.clip(v, lo + inset, hi - inset)), min=lo, max=hi, vary=bool(var))
     order = list(model.theta_names)
+    free = np.where(vary)[0]
 
-    def resid(p):
-        th = np.array([p[n].value for n in order])
-        return model.solve(th, y)[1]
+    def evaluate(p, jacobian):
+        return model.solve(np.array([p[n].value for n in order]), y, jacobian=jacobian)
 
-    res = lmfit.minimize(resid, params, method="leastsq", xtol=1e-6, ftol=1e-8, max_nfev=400)
+    # tolerances: a relative χ² change of 1e-6 is ~1e-4 in absolute χ², far below the
+    # Δχ² = 1 that sets the errors
+    res = lmfit.minimize(lambda p: evaluate(p, False)[1], params, method="leastsq",
+                         Dfun=lambda p: evaluate(p, True)[2][:, free], xtol=1e-5, ftol=1e-6, max_nfev=400,
+                         calc_covar=False)          # the covariance is computed with the fluxes
     return np.array([res.params[n].value for n in order])
 
 
@@ -442,14 +520,8 @@ def _covariance(model: _Model, theta, beta, A, redchi):
         if at_bound:
             continue
         free.append(k)
-    cols = []
-    for k in free:
-        h = max(1e-3 * abs(theta[k]), 0.5)
-        tp, tm = theta.copy(), theta.copy()
-        tp[k] += h
-        tm[k] -= h
-        d = (model.design(tp) @ beta - model.design(tm) @ beta) / (2 * h)
-        cols.append(d * w)
+    D = model.model_derivs(theta, beta)
+    cols = [D[:, k] * w for k in free]
     J = np.column_stack(cols + [A * w[:, None]]) if cols else A * w[:, None]
     # invert the normalised matrix (columns differ by ~1e30 in scale: km/s vs erg/s/cm2)
     JTJ = J.T @ J
