@@ -132,6 +132,24 @@ class LineFitResult:
     flags: str = ""
     model: tuple = field(default=(), compare=False, repr=False)   # (wave_vac, model) of fitted pixels
     stellar: object = field(default=None, compare=False, repr=False)  # StellarContinuum subtracted, if any
+    flux_cov: object = field(default=None, compare=False, repr=False)  # (n_lines, n_lines), order of ``lines``
+
+    def sum_flux(self, names) -> tuple[float, float]:
+        """Summed flux of ``names`` (e.g. the unresolved [O II] 3726+3729 doublet) and its
+        error from the full flux covariance (the two halves of a blend anticorrelate, so
+        adding their errors in quadrature would overstate it).  NaN if any is not covered."""
+        idx = []
+        for n in names:
+            k = next((i for i, ln in enumerate(self.lines) if ln.name == n), None)
+            if k is None or not self.lines[k].covered:
+                return float("nan"), float("nan")
+            idx.append(k)
+        flux = float(sum(self.lines[k].flux for k in idx))
+        if self.flux_cov is None:
+            var = sum(self.lines[k].flux_err ** 2 for k in idx)
+        else:
+            var = float(np.sum(np.asarray(self.flux_cov)[np.ix_(idx, idx)]))
+        return flux, float(np.sqrt(var)) if np.isfinite(var) and var >= 0 else float("nan")
 
     def __getitem__(self, name: str) -> LineFit:
         for ln in self.lines:
@@ -745,7 +763,12 @@ def _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, 
             fwhm_kms_err=float(FWHM_PER_SIGMA * sig_err) if sig > 0 else float("nan"),
             continuum=cont, covered=True, flags=",".join(flags)))
     abs_sig = float(theta[-1]) if model.n_abs else float("nan")
+    # flux covariance in the order of ``out`` (tied doublets share one parameter)
+    k_of = np.array([nc + model.amp_index[fit_i[ln.name]] if ln.name in fit_i else -1 for ln in out])
+    c_of = np.array([model.amp_coef[fit_i[ln.name]] if ln.name in fit_i else np.nan for ln in out])
+    flux_cov = np.where(np.outer(k_of >= 0, k_of >= 0), beta_cov[np.ix_(k_of, k_of)] * np.outer(c_of, c_of), np.nan)
     return LineFitResult(spec.name, float(z), tuple(out), tuple(g.name for g in groups), group_z, group_zerr,
                          group_sig, chi2, dof, float(redchi), int(model.wave.size), method, abs_sig,
                          ",".join(model.flags),
-                         (model.wave.copy(), A @ beta + (0.0 if base is None else np.interp(model.wave, spec.wave, base))))
+                         (model.wave.copy(), A @ beta + (0.0 if base is None else np.interp(model.wave, spec.wave, base))),
+                         flux_cov=flux_cov)
