@@ -48,6 +48,9 @@ class LineGroup:
     ``max_shift_kms``: the shift is searched within ± this around the input redshift;
     ``absorption``: lines (Balmer) that also get an underlying absorption Gaussian.
     ``fix_shift`` / ``fix_sigma`` keep those parameters at their starting values.
+    ``ratios``: extra fixed flux ratios for this group, ``((strong, weak, strong/weak), ...)``,
+    on top of the atomic-physics doublets of :data:`specred.analysis.lines.FIXED_RATIOS`
+    (e.g. an assumed [O II] 3729/3726 when the doublet is unresolved).
     """
 
     name: str
@@ -59,10 +62,15 @@ class LineGroup:
     fix_shift: bool = False
     fix_sigma: bool = False
     shift_kms: float = 0.0
+    ratios: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "lines", tuple(L.check_names(self.lines)))
         object.__setattr__(self, "absorption", tuple(L.check_names(self.absorption)))
+        for t in self.ratios:
+            if len(t) != 3 or not (np.isfinite(t[2]) and t[2] > 0):
+                raise SpectrumError(f"group {self.name}: ratios need (strong, weak, ratio > 0), got {t!r}")
+            L.check_names(t[:2])
 
 
 def narrow_group(lines, name="narrow", **kw) -> LineGroup:
@@ -270,6 +278,9 @@ class _Model:
         self.cont_cols = np.array(cols).T if cols else np.zeros((idx.size, 0))
         # line flux parameters: tied doublets share one
         ties = L.ratio_ties(self.names_fit)
+        fitted = set(self.names_fit)
+        for g in self.groups:
+            ties.update({weak: (strong, r) for strong, weak, r in g.ratios if strong in fitted and weak in fitted})
         self.amp_index = np.zeros(self.n_lines, int)
         self.amp_coef = np.ones(self.n_lines)
         amp_names = []
@@ -424,30 +435,39 @@ class _Model:
         Gw = self.line_block(theta) * self.w[:, None]
         yw = self.yw if y is None else y * self.w
         batch = theta.shape[:-1]
-        n = self.n_lin
-        Aw = np.concatenate([np.broadcast_to(self.Wc, batch + self.Wc.shape), Gw], axis=-1)
-        AwT = np.swapaxes(Aw, -1, -2)
-        N = AwT @ Aw
+        n, nc = self.n_lin, self.n_cont
+        # normal equations by blocks: the continuum block is the same for every theta
+        GwT = np.swapaxes(Gw, -1, -2)
+        N = np.empty(batch + (n, n))
+        N[..., :nc, :nc] = self.WcTWc
+        cross = self.Wc.T @ Gw
+        N[..., :nc, nc:] = cross
+        N[..., nc:, :nc] = np.swapaxes(cross, -1, -2)
+        N[..., nc:, nc:] = GwT @ Gw
+        rhs = np.empty(batch + (n,))
+        rhs[..., :nc] = self.WcTy if y is None else self.Wc.T @ yw
+        rhs[..., nc:] = GwT @ yw
         d = np.sqrt(np.einsum("...ii->...i", N))
         d[d == 0] = 1.0
         Ns = N / (d[..., :, None] * d[..., None, :])
-        rhs = (AwT @ yw) / d
+        rhs /= d
         try:
             beta = np.linalg.solve(Ns, rhs[..., None])[..., 0] / d
         except np.linalg.LinAlgError:
             beta = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in
                              zip(Ns.reshape(-1, n, n), rhs.reshape(-1, n))]).reshape(batch + (n,)) / d
-        r = yw - (Aw @ beta[..., None])[..., 0]
+        r = yw - beta[..., :nc] @ self.Wc.T - (Gw @ beta[..., nc:, None])[..., 0]
         if not single:
             return beta, r, None
-        state = (beta, r, Aw, Ns, d)
+        state = (beta, r, Gw, Ns, d)
         J = self._jacobian(theta, *state) if jacobian else None
         self._memo = [key, state, J]
         return beta, r, J
 
-    def _jacobian(self, theta, beta, r, Aw, Ns, d):
+    def _jacobian(self, theta, beta, r, Gw, Ns, d):
         """Golub & Pereyra (1973): dr/dθ_k = -P⊥ (∂A_k β) - (A⁺)ᵀ (∂A_k)ᵀ r, all weighted."""
         nc = self.n_cont
+        Aw = np.hstack([self.Wc, Gw])
         dg, mix = self._gauss_derivs(theta)
         Dw = np.einsum("pgk,g->pk", dg, mix @ beta[nc:]) * self.w[:, None]
         v = np.zeros((self.n_lin, theta.size))
@@ -665,6 +685,16 @@ def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc,
     for j, k in enumerate(free):
         theta_err[k] = np.sqrt(cov[j, j]) if cov[j, j] >= 0 else np.nan
     beta_cov = cov[nf:, nf:]
+    # where a line's own pixels fit worse than the spectrum as a whole (a profile that is
+    # not quite Gaussian, a sky residual), the global χ² scaling understates its errors
+    f_line, f_slot = _local_inflation(model, theta, r, redchi if np.isfinite(redchi) else 1.0)
+    for slot, f in f_slot.items():
+        theta_err[2 * slot:2 * slot + 2] *= f
+    fb = np.ones(model.n_lin)
+    for i in range(model.n_lines):
+        fb[model.n_cont + model.amp_index[i]] = max(fb[model.n_cont + model.amp_index[i]], f_line[i])
+    beta_cov = beta_cov * np.outer(fb, fb)
+    cov_lin = cov_lin * np.outer(fb, fb)
     if mc and mc > 1:
         rng = np.random.default_rng(seed)
         sig = 1.0 / model.w
@@ -681,6 +711,32 @@ def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc,
         method = f"mc{int(mc)}"
     return _collect(spec, model, groups, z, theta, theta_err, beta, beta_cov, cov_lin, A, chi2, dof,
                     redchi, method, detect_snr, base)
+
+
+def _local_inflation(model: _Model, theta, r, redchi, p_tail=0.05):
+    """Error inflation per line and per kinematic group from the residuals near the lines.
+
+    For the pixels within ±2.5σ of a line (of any line of a group) the χ² is compared with
+    the global reduced χ² the covariance was scaled by; where it is significantly larger
+    (its χ² tail probability below ``p_tail``) the errors are scaled by sqrt(local/global).
+    Returns (factor per fitted line, {group slot: factor})."""
+    from scipy.special import chdtrc       # χ² survival function, as a plain ufunc
+    mu, s_aa = model._centres(theta)
+    near = np.abs(model.wave[:, None] - mu[None, :]) < 2.5 * s_aa[None, :]
+    r2 = r * r
+
+    def factor(pix):
+        n = int(pix.sum())
+        if n < 3:
+            return 1.0
+        c = float(r2[pix].sum())
+        if chdtrc(n, c / redchi) > p_tail:
+            return 1.0
+        return float(np.sqrt(max(c / n / redchi, 1.0)))
+
+    f_line = np.array([factor(near[:, i]) for i in range(model.n_lines)])
+    f_slot = {slot: factor(np.any(near[:, model.gidx == gi], axis=1)) for gi, slot in model.group_slot.items()}
+    return f_line, f_slot
 
 
 def _uncovered(spec, name, group, z):

@@ -326,7 +326,6 @@ def build_source(object_id: str, kind: str, z: float, rng: np.random.Generator, 
             _add(lines, z, "CIV_5808", hb * rng.uniform(0.05, 0.1), bw * 1.2, broad=True)
             # weak narrow nebular He II on top of the bump
             lines.append(Line("HeII_4686", REST_VAC["HeII_4686"], hb * 0.015, fwhm, False))
-            truth["wr_bump_flux"] = float(sum(l.flux for l in lines if l.broad and l.name in ("HeII_4686", "NIII_4640")))
             truth["wr_fwhm_kms"] = bw
         truth["wr"] = kind == "WR"
     elif kind == "E":
@@ -397,6 +396,9 @@ def build_source(object_id: str, kind: str, z: float, rng: np.random.Generator, 
                 src.continuum["dust_temperature"] = td
     elif f12100 is not None:
         _scale(f12100 / float(src.continuum_flux(anchors[1:])[0]))
+    if kind == "WR":     # after the absolute normalisation above
+        truth["wr_bump_flux"] = float(sum(ln.flux for ln in src.lines
+                                          if ln.broad and ln.name in ("HeII_4686", "NIII_4640")))
     truth["z"] = src.z
     truth["class"] = paper_class or kind
     src.truth = truth
