@@ -318,7 +318,10 @@ class _Model:
         if self.n_abs:
             self.theta_names.append("sig_abs")
             self.theta0.append(900.0)
-            self.lo.append(250.0)
+            # stellar Balmer troughs are broad (FWHM 20-40 Å in A/F-star light, σ ~ 600-1200
+            # km/s); a narrower one would be degenerate with the emission it sits under and
+            # could cancel it
+            self.lo.append(600.0)
             self.hi.append(3000.0)
             self.vary.append(True)
         self.theta0 = np.array(self.theta0, float)

@@ -221,17 +221,47 @@ def _add(lines, z, name, flux, fwhm, broad=False, shift=0.0):
         lines.append(Line(name, REST_VAC[name], float(flux), float(fwhm), broad, shift))
 
 
+def _bpt_sf_margin(x_nii, x_sii, x_oi, y):
+    """Smallest distance (dex, along log [O III]/Hβ) below the SF boundaries of the three
+    BPT diagrams: Kauffmann et al. (2003) for [N II], Kewley et al. (2001) for [S II] and
+    [O I]; negative if above any of them."""
+    out = []
+    for x, (a, b, c) in ((x_nii, (0.61, 0.05, 1.30)), (x_sii, (0.72, 0.32, 1.30)), (x_oi, (0.73, -0.59, 1.33))):
+        out.append(a / (x - b) + c - y if x < b else -np.inf)
+    return min(out)
+
+
+def _sf_excitation(oh, p, log_nii_oii, sii, oi, margin=0.08):
+    """The excitation P of a star-forming galaxy, kept such that its noiseless line ratios
+    lie at least ``margin`` dex below the SF boundaries of all three BPT diagrams (the paper's
+    SF galaxies lie just below the SF/composite line, Solarz et al. 2020, Fig. 7): ``p`` if
+    it qualifies, else the largest P in 0.1–``p`` that does (the most excited allowed)."""
+    def margin_at(pp):
+        r23 = r23_for_oh_upper(oh, pp)
+        r2 = r23 * (1 - pp)
+        y = np.log10(pp * r23 * 2.98 / 3.98)
+        x = np.log10(r2 * 10 ** log_nii_oii / BALMER_HA_HB)
+        return _bpt_sf_margin(x, np.log10(sii / BALMER_HA_HB), np.log10(oi / BALMER_HA_HB), y)
+
+    if margin_at(p) >= margin:
+        return p
+    grid = np.linspace(p, 0.1, 61)
+    ok = [pp for pp in grid if margin_at(pp) >= margin]
+    return float(ok[0]) if ok else float(max(grid, key=margin_at))
+
+
 def _nebular_lines(rng, z, hb_flux, ebv, *, oh, p, log_nii_oii, kind, fwhm):
     """Narrow lines of an H II region / AGN narrow-line region, Hβ-normalised intrinsic ratios."""
     lines: list[Line] = []
     if kind in ("SF", "WR"):
+        sii = rng.uniform(0.15, 0.3) * BALMER_HA_HB
+        oi = rng.uniform(0.02, 0.05) * BALMER_HA_HB
+        p = _sf_excitation(oh, p, log_nii_oii, sii, oi)
         r23 = r23_for_oh_upper(oh, p)
         r3 = p * r23
         r2 = r23 - r3
         o3_5007 = r3 * 2.98 / 3.98
         nii = r2 * 10 ** log_nii_oii
-        sii = rng.uniform(0.15, 0.3) * BALMER_HA_HB
-        oi = rng.uniform(0.02, 0.05) * BALMER_HA_HB
         neiii = rng.uniform(0.05, 0.15) * r2
     elif kind == "Sy2":
         o3_5007 = rng.uniform(8.0, 12.0)
@@ -304,7 +334,9 @@ def build_source(object_id: str, kind: str, z: float, rng: np.random.Generator, 
             ew_hb = rng.uniform(6, 12)
         else:
             cont = {"type": "old", "temperature": 4800.0, "break": 0.5}
-            ew_hb = rng.uniform(0.4, 0.8)      # gives Hα EW ~ 2-4 Å after [N II]-like ratios
+            # Hα EW ~ 3.5-6 Å with [N II] as strong: the weak LINER-like emission the paper
+            # identified in its S0s ("Ca K & H, Hα", Table 2) at S/N ~ 10-30
+            ew_hb = rng.uniform(0.7, 1.2)
         cont["norm"] = 1.0
         src.continuum = cont
         # continuum at Hβ (observed) in units of norm -> set Hβ flux from EW
