@@ -207,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="ECSV table to write (default: SPECTRUM stem + _lines.ecsv)")
     s.set_defaults(func=cmd_fit)
 
+    s = sub.add_parser("classify", help="redshifts and classes (QSO/BAL/LoBAL, BPT, passive, WR, R23 abundance) "
+                                        "of many 1D spectra")
+    s.add_argument("spectra", nargs="+", help="1D spectra (files or folders searched for *.fits)")
+    s.add_argument("--out", required=True, help="ECSV table to write (one row per spectrum)")
+    s.add_argument("--targets", default=None,
+                   help="target list (ECSV/CSV with id, ra, dec) to name spectra by position; without it "
+                        "the OBJECT header names them")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--plots", default=None, metavar="DIR",
+                   help="write BPT diagrams, WR zooms, BAL troughs and the rest-frame QSO stack here")
+    s.add_argument("--mc", type=int, default=200, metavar="N", help="Monte-Carlo draws for BPT/abundance/BAL errors")
+    s.set_defaults(func=cmd_classify)
+
     s = sub.add_parser("demo", help="simulate a programme night of both instruments, reduce it, and write its report")
     s.add_argument("--out", default="specred_demo", help="output folder (default ./specred_demo)")
     s.add_argument("--seed", type=int, default=0)
@@ -253,6 +266,50 @@ def cmd_fit(args) -> int:
             continue
         val = (f"{ln.flux:10.3e} ± {ln.flux_err:9.2e}" if ln.detected else f"  < {ln.flux_upper_limit:9.2e} (3σ)    ")
         log.info(f"{ln.name:11s} {val}  S/N {ln.snr:6.1f}  EW {ln.ew_rest:7.1f} Å  FWHM {ln.fwhm_kms:6.0f} km/s")
+    log.info(f"wrote {out}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    import os
+
+    from .analysis.classify import classify_spectra, write_plots
+    from .io import atomic_write_table
+    from .progress import progress
+    from .targets import load_targets
+
+    files = []
+    for item in args.spectra:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.suffix.lower() in (".fits", ".fit", ".fz", ".ecsv"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise SpecredError(f"{p}: no such file or folder")
+    if not files:
+        raise SpecredError("no spectra to classify")
+    targets = load_targets(args.targets) if args.targets else None
+    workers = args.workers or os.cpu_count() or 1
+    if args.mc < 0:
+        raise SpecredError("--mc must be >= 0")
+    t0 = time.perf_counter()
+    tab, objs = classify_spectra(files, targets=targets, workers=workers, n_mc=args.mc, progress=progress,
+                                 keep_objects=bool(args.plots))
+    dt = time.perf_counter() - t0
+    out = Path(args.out)
+    atomic_write_table(tab, out)
+    counts = {}
+    for c in tab["class"]:
+        counts[str(c)] = counts.get(str(c), 0) + 1
+    log.info("classified %d spectra in %.1f s (%.1f spectra/s, %d workers): %s", len(tab), dt, len(tab) / dt,
+             workers, ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    bad = [r for r in tab if "UNREADABLE" in str(r["flags"]) or "INTERNAL_ERROR" in str(r["flags"])]
+    if bad:
+        log.warning("%d spectra could not be classified (see the flags column)", len(bad))
+    if args.plots:
+        files_out = write_plots(tab, [o for o in objs], args.plots)
+        log.info("wrote %d plots to %s", len(files_out), args.plots)
     log.info(f"wrote {out}")
     return 0
 

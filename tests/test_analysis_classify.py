@@ -1,0 +1,137 @@
+"""Classification in batch: the programme simulated, the real reference spectra, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from specred.analysis.classify import (COLUMNS, classify_spectra, classify_spectrum, compare_with_paper,
+                                       write_plots)
+from specred.cli import main
+from specred.simulate.programme import programme_targets
+from specred.simulate.spectra1d import simulate_programme_spectra
+from specred.targets import TargetList
+
+from conftest import REAL_SPECTRA, need_shared
+
+
+def _targets():
+    t = programme_targets()
+    return TargetList(Table({"id": t["object_id"], "ra": np.asarray(t["ra"], float),
+                             "dec": np.asarray(t["dec"], float)}))
+
+
+def _one_per_target(tab):
+    best = {}
+    for r in tab:
+        if r["target_id"] not in best or str(r["instrument"]).startswith("EFOSC"):
+            best[r["target_id"]] = r
+    return Table(rows=[[r[c] for c in tab.colnames] for r in best.values()], names=tab.colnames)
+
+
+@pytest.fixture(scope="module")
+def programme(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prog")
+    res = simulate_programme_spectra(out, seed=3)
+    tab, objs = classify_spectra(sorted(res.files), targets=_targets(), workers=2, n_mc=100, keep_objects=True)
+    return res, tab, objs
+
+
+def test_programme_classes_agree_with_the_paper(programme):
+    res, tab, _ = programme
+    assert set(COLUMNS) <= set(tab.colnames)
+    sub = _one_per_target(tab)
+    cmp = compare_with_paper(sub, programme_targets())
+    assert cmp["n"] == 32                              # 36 minus the four the paper left unknown
+    assert cmp["fraction"] >= 0.8, [r for r in cmp["rows"] if not r[3]]
+    truth = res.truth
+    lobal = {r["object_id"] for r in truth if r["lobal"]}
+    qso = {r["object_id"] for r in truth if r["kind"] == "QSO"}
+    found = {r["target_id"] for r in sub if r["lobal"]}
+    anybal = {r["target_id"] for r in sub if r["bal"] or r["lobal"]}
+    assert lobal <= found
+    assert not (anybal & qso)
+    gal = {r["object_id"] for r in truth if r["kind"] in ("SF", "WR", "Sy2", "S0", "E")}
+    wr_true = {r["object_id"] for r in truth if r["wr"]}
+    wr_found = {r["target_id"] for r in sub if r["wr_bump"]}
+    assert len((wr_found - wr_true) & gal) <= 1
+    assert wr_found & wr_true                            # at least one of the three at S/N 10-30
+    # abundances of the SF galaxies against the simulated truth
+    d = []
+    for r in sub:
+        m = truth[(truth["object_id"] == r["target_id"]) & np.isin(truth["kind"], ["SF", "WR"])]
+        if len(m) and np.isfinite(r["oh12"]):
+            d.append(r["oh12"] - m[0]["oh12"])
+    assert len(d) >= 7
+    assert np.median(np.abs(d)) < 0.06 and np.max(np.abs(d)) < 0.25
+
+
+def test_redshifts_of_two_instruments_are_combined(programme):
+    _, tab, _ = programme
+    multi = [t for t in set(tab["target_id"]) if t and np.sum(tab["target_id"] == t) > 1]
+    assert multi
+    comb = [r for r in tab if "Z_COMBINED" in r["flags"]]
+    for r in comb:
+        assert r["z_err"] <= r["z_err_spectrum"] * 1.0001 or r["z_err"] > 0
+
+
+def test_plots_are_written(programme, tmp_path):
+    _, tab, objs = programme
+    files = write_plots(tab, objs, tmp_path)
+    names = {f.name for f in files}
+    assert "bpt.png" in names and "qso_stack.png" in names
+    assert any(n.startswith("bal_") for n in names)
+    assert all(f.stat().st_size > 5000 for f in files)
+
+
+def test_bad_input_is_flagged_and_the_batch_goes_on(tmp_path, programme):
+    res, _, _ = programme
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"not a FITS file at all")
+    nounit = tmp_path / "nounits.fits"
+    h = fits.PrimaryHDU(np.ones(200))
+    h.header.update({"CRVAL1": 4000.0, "CDELT1": 5.0, "CRPIX1": 1.0, "CTYPE1": "AWAV", "CUNIT1": "Angstrom"})
+    h.writeto(nounit)
+    good = sorted(res.files)[:2]
+    out = tmp_path / "t.ecsv"
+    assert main(["classify", str(broken), str(nounit), *map(str, good), "--out", str(out), "--workers", "1",
+                 "--mc", "20"]) == 0
+    t = Table.read(out)
+    assert len(t) == 4
+    bad = t[np.isin(t["file"], [str(broken), str(nounit)])]
+    assert len(bad) == 2 and all("UNREADABLE" in f for f in bad["flags"])
+    assert all(c == "unknown" for c in bad["class"])
+    assert all(len(r) > 10 for r in bad["class_reason"])
+    ok = t[~np.isin(t["file"], [str(broken), str(nounit)])]
+    assert all("UNREADABLE" not in str(f) for f in ok["flags"])
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["classify", str(tmp_path / "nope.fits"), "--out", str(tmp_path / "x.ecsv")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- real spectra
+def test_real_spectra_bpt_and_qsos():
+    need_shared(REAL_SPECTRA)
+    truth = Table.read(REAL_SPECTRA / "truth.ecsv")
+    cat = {"AGN": "AGN", "COMPOSITE": "composite", "STARFORMING": "SF", "SF": "SF",
+           "SEYFERT": "Seyfert", "LINER": "LINER"}
+    n = agree = 0
+    for r in truth:
+        c = classify_spectrum(REAL_SPECTRA / r["file"], n_mc=100)
+        if r["sdss_class"] == "QSO":
+            assert "QSO" in c.cls, (r["file"], c.cls, c.class_reason)
+            continue
+        if c.bpt is None:
+            continue
+        for col, ours in (("bpt_nii_ka03_ke01", c.bpt.bpt_nii), ("bpt_sii_ke01_ke06", c.bpt.bpt_sii),
+                          ("bpt_oi_ke01_ke06", c.bpt.bpt_oi)):
+            want = cat.get(str(r[col]).strip().upper())
+            if want is None:
+                continue
+            n += 1
+            agree += ours == want
+    assert n >= 5
+    assert agree / n >= 0.85, (agree, n)
