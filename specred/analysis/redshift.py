@@ -518,7 +518,10 @@ def find_redshift(spec: AnalysisSpectrum, *, z_min: float = 0.0, z_max: float = 
     if gain < min_score:
         return _none(spec, "BELOW_MIN_SCORE", candidates=cand_out, score=gain)
     try:
-        fit = fit_lines(spec, zc, groups=_groups_for(t), window_kms=4000.0 if t != "qso" else 15000.0)
+        # the tied fit of the template's lines, with a stellar Balmer absorption trough under
+        # the Balmer lines of emission-line galaxies
+        fit = fit_lines(spec, zc, groups=_groups_for(t), window_kms=4000.0 if t != "qso" else 15000.0,
+                        balmer_absorption=t == "emission")
     except Exception as exc:  # noqa: BLE001 - reported as a flag, the batch goes on
         return _none(spec, f"FIT_FAILED:{type(exc).__name__}", candidates=cand_out, score=gain)
     zf = fit.group_z.get({"emission": "narrow", "qso": "broad", "absorption": "absorption"}[t], zc)
@@ -540,11 +543,7 @@ def _none(spec, flag, candidates=(), score=np.nan):
 def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, exclude_sky, exclude_telluric,
              edge_fwhm, centroid_floor_px=0.02) -> Redshift:
     groups = _groups_for(template)
-    # re-centre the tied fit on the chosen redshift, with the stellar Balmer absorption
-    # option for emission-line galaxies
-    fit = fit_lines(spec, z0, groups=[replace(g, max_shift_kms=min(g.max_shift_kms, 400.0)) for g in groups],
-                    window_kms=4000.0 if template != "qso" else 15000.0,
-                    balmer_absorption="auto" if template == "emission" else False)
+    fit = fit0
     feats = _features(fit, template, spec)
     zs, es, names, excluded = [], [], [], {}
     pending = []
@@ -611,7 +610,7 @@ def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, ex
         et = fit.group_z_err.get(groups[0].name, np.nan)
         # no single feature confirms the match: the error is at least the width of the
         # template's features (the candidate could sit anywhere within them)
-        et = float(np.hypot(et, FILTER_SIGMA[template] * (1 + zt) / C_KMS))
+        et = float(np.hypot(et if np.isfinite(et) else 0.0, FILTER_SIGMA[template] * (1 + zt) / C_KMS))
         return Redshift(spec.name, float(zt), float(et), float("nan"), "low", template, 0, (), {}, excluded,
                         float(sig), float(margin), candidates, "NO_LINE_ABOVE_MIN_SNR", fit)
     zs, es = np.array(zs), np.array(es)
