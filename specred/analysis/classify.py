@@ -38,6 +38,8 @@ spectra of one target, and returns an astropy Table (one row per spectrum).
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -58,6 +60,7 @@ from .spectrum import C_KMS, load_spectrum
 from .wr import measure_wr_bump
 
 log = logging.getLogger("specred")
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 #: the narrow lines measured for the BPT diagrams, the abundance and the classes
 CLASS_LINES = ("OII_3726", "OII_3729", "NeIII_3869", "Hbeta", "OIII_4959", "OIII_5007", "OI_6300",
@@ -284,7 +287,11 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
 
     # ---- 3./4. galaxies: narrow lines
     try:
-        fit = fit_lines(spec, zval, CLASS_LINES, balmer_absorption=True, stellar_continuum=stellar_continuum)
+        if (z is None and zr.template == "emission" and zr.fit is not None and stellar_continuum is False
+                and all(n in zr.fit for n in CLASS_LINES)):
+            fit = zr.fit       # the redshift's own tied fit of these lines (with the Balmer troughs)
+        else:
+            fit = fit_lines(spec, zval, CLASS_LINES, balmer_absorption=True, stellar_continuum=stellar_continuum)
     except Exception as exc:  # noqa: BLE001
         flags.append(f"LINE_FIT_FAILED:{type(exc).__name__}")
         return done("unknown", f"redshift {zval:.4f} but the line fit failed ({exc})", **kw)
@@ -416,11 +423,22 @@ def classify_spectra(paths, *, targets=None, workers: int = 1, n_mc: int = 200, 
             objs.append(c if keep_objects else None)
     else:
         chunk = max(1, min(64, len(jobs) // (8 * workers)))
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            for r, c in wrap(ex.map(_one, jobs, chunksize=chunk), desc="classify", unit="spectrum",
-                             total=len(jobs)):
-                rows.append(r)
-                objs.append(c if keep_objects else None)
+        # one BLAS thread per worker: the fits multiply small matrices, where threads only
+        # contend (workers x threads > cores); spawned workers read this at numpy import
+        saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+        os.environ.update({k: "1" for k in _BLAS_ENV})
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+                for r, c in wrap(ex.map(_one, jobs, chunksize=chunk), desc="classify", unit="spectrum",
+                                 total=len(jobs)):
+                    rows.append(r)
+                    objs.append(c if keep_objects else None)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     tab = Table(rows=rows, names=list(COLUMNS)) if rows else Table(names=list(COLUMNS))
     for r in rows:
         if "UNREADABLE" in r["flags"] or "INTERNAL_ERROR" in r["flags"]:
