@@ -123,6 +123,10 @@ def cmd_wavecal(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import os
+
+    import numpy as np
+
     from .discover import discover, inspect_report
     from .progress import progress
     from .simulate import simulate_night
@@ -143,6 +147,20 @@ def cmd_demo(args) -> int:
     rep = out / "reduced" / "report.html"
     if rep.exists():
         print(f"\nnight report: {rep.resolve().as_uri()}")
+    spectra = sorted((out / "reduced" / "spectra").glob("*.fits"))
+    if spectra:
+        from .analysis.classify import classify_spectra, write_plots
+        from .io import atomic_write_table
+
+        print(f"\nclassifying the {len(spectra)} reduced spectra (redshift, BPT, WR, BAL, R23) ...")
+        tab, objs = classify_spectra(spectra, workers=min(2, os.cpu_count() or 1), keep_objects=True)
+        atomic_write_table(tab, out / "reduced" / "classes.ecsv")
+        write_plots(tab, objs, out / "reduced" / "classes")
+        for r in tab:
+            z = f"{r['z']:.4f} ± {r['z_err']:.4f}" if np.isfinite(r["z"]) else "—"
+            print(f"  {str(r['target_id'] or Path(r['file']).stem):14s} z = {z:18s} {r['class']:22s} "
+                  f"{r['flags']}")
+        print(f"classes: {out / 'reduced' / 'classes.ecsv'}, plots in {out / 'reduced' / 'classes'}/")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -60,3 +60,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert set(tab["instrument"]) == {"EFOSC2", "SOFI"} and all(f == "OK" for f in tab["flags"])
     assert (red / "report.html").exists() and "night report: file://" in out
     assert "z (paper)" in out and "Fe rich QSO" in out                 # J040754.75, Solarz+2020
+    # ... then classifies the reduced spectra: the paper's redshifts and classes come back
+    cls = Table.read(red / "classes.ecsv")
+    assert (red / "classes" / "bpt.png").exists()
+    paper = {"J040754.75": (1.356, "QSO"), "J053520.86": (0.073, "SF"), "J062035.99": (0.080, "SF"),
+             "J070647.77": (0.078, "SF"), "J072450.77": (1.578, "QSO")}
+    for r in cls:
+        if r["target_id"] in paper and str(r["instrument"]).startswith("EFOSC"):
+            z, c = paper[r["target_id"]]
+            assert abs(r["z"] - z) < 0.01 * (1 + z), (r["target_id"], r["z"])
+            assert r["class"] == c, (r["target_id"], r["class"], r["class_reason"])
