@@ -38,8 +38,6 @@ spectra of one target, and returns an astropy Table (one row per spectrum).
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -60,7 +58,6 @@ from .spectrum import C_KMS, load_spectrum
 from .wr import measure_wr_bump
 
 log = logging.getLogger("specred")
-_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 #: the narrow lines measured for the BPT diagrams, the abundance and the classes
 CLASS_LINES = ("OII_3726", "OII_3729", "NeIII_3869", "Hbeta", "OIII_4959", "OIII_5007", "OI_6300",
@@ -347,6 +344,18 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
 
 
 # ============================================================================ many spectra
+_BLAS_LIMIT = None
+
+
+def _one_blas_thread():
+    """Worker initialiser: one BLAS thread per process.  The fits multiply small matrices,
+    where BLAS threads only contend with the other workers (measured 10.7 -> 13 spectra/s
+    on 2 cores)."""
+    global _BLAS_LIMIT
+    from threadpoolctl import threadpool_limits
+    _BLAS_LIMIT = threadpool_limits(limits=1, user_api="blas")
+
+
 def _one(args):
     path, target_id, opts = args
     try:
@@ -423,22 +432,11 @@ def classify_spectra(paths, *, targets=None, workers: int = 1, n_mc: int = 200, 
             objs.append(c if keep_objects else None)
     else:
         chunk = max(1, min(64, len(jobs) // (8 * workers)))
-        # one BLAS thread per worker: the fits multiply small matrices, where threads only
-        # contend (workers x threads > cores); spawned workers read this at numpy import
-        saved = {k: os.environ.get(k) for k in _BLAS_ENV}
-        os.environ.update({k: "1" for k in _BLAS_ENV})
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-                for r, c in wrap(ex.map(_one, jobs, chunksize=chunk), desc="classify", unit="spectrum",
-                                 total=len(jobs)):
-                    rows.append(r)
-                    objs.append(c if keep_objects else None)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as ex:
+            for r, c in wrap(ex.map(_one, jobs, chunksize=chunk), desc="classify", unit="spectrum",
+                             total=len(jobs)):
+                rows.append(r)
+                objs.append(c if keep_objects else None)
     tab = Table(rows=rows, names=list(COLUMNS)) if rows else Table(names=list(COLUMNS))
     for r in rows:
         if "UNREADABLE" in r["flags"] or "INTERNAL_ERROR" in r["flags"]:
