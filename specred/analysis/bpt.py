@@ -400,12 +400,27 @@ def combine_classes(nii: str | None, sii: str | None = None, oi: str | None = No
     return "ambiguous"
 
 
-def _combine_masks(mn: int, ms: int, mo: int) -> str:
+def _combine_strict(mn: int, ms: int, mo: int) -> str:
     opts_n = _possible(mn, NII_CLASSES) or [None]
     opts_s = _possible(ms, SII_CLASSES) or [None]
     opts_o = _possible(mo, OI_CLASSES) or [None]
     outcomes = {combine_classes(a, b, c) for a, b, c in product(opts_n, opts_s, opts_o)}
     return outcomes.pop() if len(outcomes) == 1 else "undetermined"
+
+
+def _combine_masks(mn: int, ms: int, mo: int) -> str:
+    """Combined class from the per-diagram masks of possible classes: decided when every
+    combination of the possibilities gives one class; otherwise a [S II] or [O I] diagram
+    that its limits leave undecided (e.g. an [O I] upper limit, the weakest line) is left
+    out rather than vetoing what the decided diagrams agree on."""
+    out = _combine_strict(mn, ms, mo)
+    if out != "undetermined":
+        return out
+    ms2 = ms if len(_possible(ms, SII_CLASSES)) <= 1 else 0
+    mo2 = mo if len(_possible(mo, OI_CLASSES)) <= 1 else 0
+    if (ms2, mo2) != (ms, mo):
+        return _combine_strict(mn, ms2, mo2)
+    return out
 
 
 #: combined class code for every (nii mask, sii mask, oi mask)

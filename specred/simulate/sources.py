@@ -334,9 +334,11 @@ def build_source(object_id: str, kind: str, z: float, rng: np.random.Generator, 
             ew_hb = rng.uniform(6, 12)
         else:
             cont = {"type": "old", "temperature": 4800.0, "break": 0.5}
-            # Hα EW ~ 3.5-6 Å with [N II] as strong: the weak LINER-like emission the paper
-            # identified in its S0s ("Ca K & H, Hα", Table 2) at S/N ~ 10-30
-            ew_hb = rng.uniform(0.7, 1.2)
+            # weak LINER-like emission with [N II] as strong as Hα, at the level the paper
+            # identified in all seven of its S0s ("Ca K & H, Hα", Table 2) in spectra of
+            # S/N ~ 10-30: rest EW(Hα) ~ 3-5 Å on the red old-star continuum (EW(Hβ) 0.4-0.8 Å,
+            # used before, put Hα at ~1.5 Å: undetectable at that S/N)
+            ew_hb = rng.uniform(1.5, 2.5)
         cont["norm"] = 1.0
         src.continuum = cont
         # continuum at Hβ (observed) in units of norm -> set Hβ flux from EW
