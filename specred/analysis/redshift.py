@@ -95,7 +95,7 @@ FIT_LINES = {
     "qso": ("Lya", "NV_1240", "SiIV_1400", "CIV_1549", "CIII_1909", "MgII_2800", "Hgamma", "Hbeta",
             "Halpha", "Pagamma", "Pabeta", "Paalpha"),
     "absorption": ("CaII_K", "CaII_H", "Gband_4305", "Hdelta", "Hgamma", "Hbeta", "Mgb_5175", "Fe_5270",
-                   "NaD_5890", "CaII_8542", "CaII_8662"),
+                   "NaD_5890", "NaD_5896", "CaII_8542", "CaII_8662"),
 }
 QSO_NARROW_FIT = ("OII_3726", "OII_3729", "NeIII_3869", "OIII_4959", "OIII_5007", "NII_6548", "NII_6584",
                   "SII_6717", "SII_6731")
@@ -112,9 +112,16 @@ CIV_BLUESHIFT_KMS = (824.0, 500.0)
 #: when they give one feature's redshift (a free ratio is degenerate with the centroid):
 #: [O II] 3729/3726 = 1.3, the range 1.0-1.5 covering H II regions with n_e <~ 300 cm^-3
 #: (Osterbrock & Ferland 2006, Fig. 5.8; Sanders et al. 2016, ApJ 816, 23).
-BLEND_RATIOS = (("OII_3729", "OII_3726", 1.3),)
-#: the blend centroid's systematic error from that ratio range: 2.79 Å × Δ[r/(1+r)] ≈ 0.15 Å
-BLEND_CENTROID_KMS = (12.0,)
+#: Na D 5890/5896 = 1.2 in absorption, between 2 (optically thin) and 1 (saturated, usual in
+#: galaxies; e.g. Jeong et al. 2013, ApJS 208, 7).
+BLEND_RATIOS = (("OII_3729", "OII_3726", 1.3), ("NaD_5890", "NaD_5896", 1.2))
+#: the blend centroids' systematic errors from those ranges: [O II] 2.79 Å × Δ[r/(1+r)] ≈
+#: 0.15 Å; Na D 5.97 Å × Δ[1/(1+r)] ≈ 0.5 Å
+BLEND_CENTROID_KMS = (12.0, 25.0)
+#: stellar absorption blends without a single rest wavelength: the G band (CH), the Mg b
+#: triplet and the Fe 5270 blend move by ~1 Å with the population (Lick index band
+#: definitions, Worthey et al. 1994, ApJS 94, 687), a systematic ~50 km/s per feature
+ABSORPTION_BLEND_KMS = {"Gband_4305": 50.0, "Mgb_5175": 50.0, "Fe_5270": 50.0}
 
 
 @dataclass(frozen=True)
@@ -588,6 +595,9 @@ def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, ex
         for (strong, weak, _), sys_kms in zip(BLEND_RATIOS, BLEND_CENTROID_KMS):
             if strong in members and weak in members:
                 ez = float(np.hypot(ez, sys_kms * (1 + zg) / C_KMS))
+        blend = max((ABSORPTION_BLEND_KMS.get(m, 0.0) for m in members), default=0.0)
+        if blend:
+            ez = float(np.hypot(ez, blend * (1 + zg) / C_KMS))
         lsf = spec.lsf_sigma_at(obs)
         fwhm_aa = obs * np.hypot(sig_kms, lsf if np.isfinite(lsf) else 300.0) * 2.355 / C_KMS
         why = _exclusion(obs, spec, fwhm_aa, exclude_sky, exclude_telluric, edge_fwhm)
