@@ -26,11 +26,7 @@ def efosc2():
 def observe(smp, src, snr, rng, name="sim"):
     """A noisy EFOSC2 spectrum of ``src``, noise as in simulate_spectra: sky-limited shape,
     median continuum S/N per pixel ``snr`` at 6000-6200 Å."""
-    model = smp.observe(src)
-    cont = src.continuum_flux(optics.from_medium(smp.wave, smp.inst.medium))
-    ref = float(np.median(cont[smp.win]))
-    sigma = smp.noise_shape * ref / snr / float(np.median(smp.noise_shape[smp.win]))
-    flux = model + rng.standard_normal(model.size) * sigma
+    flux, sigma, _ = smp.noisy(src, snr, rng)
     return make_spectrum(smp.wave, flux, sigma, medium=smp.inst.medium,
                          lsf_fwhm_aa=smp.inst.lsf_fwhm_px * smp.dlam, name=name)
 

@@ -11,7 +11,6 @@ from specred.analysis import fit_lines, make_spectrum, narrow_group
 from specred.analysis import wr as W
 from specred.analysis.wr import WRResult, measure_wr_bump, plot_wr
 from specred.errors import SpectrumError
-from specred.simulate import optics
 from specred.simulate.sources import REST_VAC, Line, build_source
 from specred.simulate.spectra1d import _Sampler
 
@@ -27,11 +26,7 @@ def observe(smp, src, snr, rng, name="sim"):
     """A noisy EFOSC2-like spectrum of ``src`` as ``simulate_spectra`` makes it: LSF-convolved
     model, sky-limited noise normalised to median continuum S/N ``snr`` per pixel at
     6000–6200 Å (observed)."""
-    model = smp.observe(src)
-    cont = src.continuum_flux(optics.from_medium(smp.wave, smp.inst.medium))
-    ref = float(np.median(cont[smp.win]))
-    sigma = smp.noise_shape * ref / snr / float(np.median(smp.noise_shape[smp.win]))
-    flux = model + rng.standard_normal(model.size) * sigma
+    flux, sigma, _ = smp.noisy(src, snr, rng)
     return make_spectrum(smp.wave, flux, sigma, medium=smp.inst.medium,
                          lsf_fwhm_aa=smp.inst.lsf_fwhm_px * np.abs(np.gradient(smp.wave)), name=name)
 

@@ -597,6 +597,17 @@ def _explain(n: str, s: str, o: str, combined: str, missing: dict) -> str:
     return f"{combined}: {why}. {head}"
 
 
+def check_n_mc(n_mc) -> int:
+    """The number of Monte-Carlo draws as an int >= 0, or a SpectrumError."""
+    try:
+        n = int(n_mc)
+    except (TypeError, ValueError) as exc:
+        raise SpectrumError(f"n_mc must be an integer >= 0, got {n_mc!r}") from exc
+    if n < 0:
+        raise SpectrumError(f"n_mc must be an integer >= 0, got {n}")
+    return n
+
+
 def classify_bpt(fluxes, n_mc: int = 500, seed: int = 0) -> BPTResult:
     """BPT classification of one object from a flux dictionary (:func:`line_fluxes_from_fit`).
 
@@ -606,12 +617,7 @@ def classify_bpt(fluxes, n_mc: int = 500, seed: int = 0) -> BPTResult:
     :func:`validate_fluxes`).  All rules (limits, combined class, MC) are in the module
     docstring."""
     fl = validate_fluxes(fluxes)
-    try:
-        n_mc = int(n_mc)
-    except (TypeError, ValueError) as exc:
-        raise SpectrumError(f"n_mc must be an integer >= 0, got {n_mc!r}") from exc
-    if n_mc < 0:
-        raise SpectrumError(f"n_mc must be an integer >= 0, got {n_mc}")
+    n_mc = check_n_mc(n_mc)
 
     # measured point (ratios of the fluxes or limits)
     vals = {k: np.array([v.flux]) for k, v in fl.items()}

@@ -60,7 +60,7 @@ import numpy as np
 
 from ..dust import BALMER_HA_HB, ccm89_k
 from ..errors import SpectrumError
-from .bpt import LineFlux, validate_fluxes
+from .bpt import LineFlux, check_n_mc, validate_fluxes
 from .lines import FIXED_RATIOS, rest_wavelength
 
 __all__ = ["Metallicity", "balmer_ebv", "deredden_ratio", "pt05_upper", "pt05_lower", "r23_branch",
@@ -267,12 +267,7 @@ def oxygen_abundance(fluxes, n_mc: int = 1000, seed: int = 0, bifurcation: float
     SpectrumError; missing/undetected lines give a flagged NaN result (see the module
     docstring)."""
     fl = validate_fluxes(fluxes)
-    try:
-        n_mc = int(n_mc)
-    except (TypeError, ValueError) as exc:
-        raise SpectrumError(f"n_mc must be an integer >= 0, got {n_mc!r}") from exc
-    if n_mc < 0:
-        raise SpectrumError(f"n_mc must be an integer >= 0, got {n_mc}")
+    n_mc = check_n_mc(n_mc)
     if not np.isfinite(bifurcation):
         raise SpectrumError(f"bifurcation must be a finite log([N II]/[O II]), got {bifurcation}")
     flags: list[str] = []

@@ -87,6 +87,15 @@ class _Sampler:
         per_row = self.grid.convolve(self.grid.bin_continuum(self.hires, f))
         return self.grid.evaluate(per_row, self.rows) / self.dlam
 
+    def noisy(self, src, snr: float, rng) -> tuple[np.ndarray, np.ndarray, float]:
+        """(flux, sigma, reference continuum) of ``src`` observed with the sky-limited noise
+        model, normalised to median continuum S/N ``snr`` per pixel in the reference window."""
+        model = self.observe(src)
+        cont = src.continuum_flux(optics.from_medium(self.wave, self.inst.medium))
+        ref = float(np.median(cont[self.win]))
+        sigma = self.noise_shape * (ref / snr / float(np.median(self.noise_shape[self.win])))
+        return model + rng.standard_normal(model.size) * sigma, sigma, ref
+
 
 def _draw_class(rng, mix):
     names = list(mix)
@@ -123,13 +132,8 @@ def simulate_spectra(out, n: int, seed: int = 0, instrument: str = "efosc2", snr
         sid = f"sim_{i:06d}"
         src = build_source(sid, kind, z, rng, f6100=1e-16 if inst == "EFOSC2" and kind != "YSO" else None,
                            f12100=1e-16 if inst == "SOFI" else None)
-        model = smp.observe(src)
         snr = float(np.exp(rng.uniform(np.log(snr_range[0]), np.log(snr_range[1]))))
-        cont = src.continuum_flux(optics.from_medium(smp.wave, smp.inst.medium))
-        ref = float(np.median(cont[smp.win]))
-        scale_noise = ref / snr / float(np.median(smp.noise_shape[smp.win]))
-        sigma = smp.noise_shape * scale_noise
-        flux = model + rng.standard_normal(model.size) * sigma
+        flux, sigma, ref = smp.noisy(src, snr, rng)
         path = out / "spectra" / f"{sid}.fits"
         write_spectrum(path, smp.wave, flux, sigma, medium=smp.inst.medium,
                        header={"OBJECT": sid, "INSTRUME": "EFOSC" if inst == "EFOSC2" else "SOFI",
@@ -186,13 +190,9 @@ def simulate_programme_spectra(out, seed: int = 0, instruments=("EFOSC2", "SOFI"
             if inst == "EFOSC2" and src.kind == "YSO":
                 continue             # the paper's YSO was observed in the near-IR only
             smp = samplers.setdefault(inst, _Sampler(inst))
-            model = smp.observe(src)
             lo, hi = unknown_snr if src.kind == "unknown" else snr_range
             snr = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-            cont = src.continuum_flux(optics.from_medium(smp.wave, smp.inst.medium))
-            ref = float(np.median(cont[smp.win]))
-            sigma = smp.noise_shape * (ref / snr / float(np.median(smp.noise_shape[smp.win])))
-            flux = model + rng.standard_normal(model.size) * sigma
+            flux, sigma, _ = smp.noisy(src, snr, rng)
             path = out / "spectra" / f"{oid}_{inst}.fits"
             write_spectrum(path, smp.wave, flux, sigma, medium=smp.inst.medium,
                            header={"OBJECT": oid, "RA": float(row["ra"]), "DEC": float(row["dec"]),
