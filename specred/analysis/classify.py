@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -471,11 +472,9 @@ def rest_frame_stack(objs, wave_rest=None, norm=(3000.0, 3100.0)):
         return wave_rest, np.full(wave_rest.size, np.nan), np.zeros(wave_rest.size, int)
     a = np.array(stack)
     n = np.sum(np.isfinite(a), axis=0)
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(a, axis=0)
+    with warnings.catch_warnings():          # all-NaN columns: outside every spectrum
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(a, axis=0)
     return wave_rest, np.where(n > 0, med, np.nan), n
 
 

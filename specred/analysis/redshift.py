@@ -235,11 +235,11 @@ def _template_score(ls: _LogSpec, components, sigma_kms, residual, z_grid_u):
     rows = np.arange(len(comps))[:, None]
     c = full_c[rows, pv]
     vv = full_v[rows, pv]
-    vfull = full_v[:, :]
-    # ignore positions where the kernel sees much less data than typical (gaps, edges)
-    med = np.array([np.median(v[(size[j] - 1 - n0[j]):(size[j] - 1 - n0[j] + n)][
-        v[(size[j] - 1 - n0[j]):(size[j] - 1 - n0[j] + n)] > 1e-12 * max(v.max(), 1e-300)])
-        if np.any(v > 0) else 0.0 for j, v in enumerate(vfull)])
+    # ignore positions where the kernel sees much less data than typical (gaps, edges):
+    # typical = median over the spectrum of the data weight (above FFT round-off)
+    v_in = full_v[rows, (size - 1 - n0)[:, None] + np.arange(n)]
+    thr = 1e-12 * np.maximum(full_v.max(axis=1), 1e-300)
+    med = np.array([np.median(v[v > t]) if np.any(v > t) else np.nan for v, t in zip(v_in, thr)])
     ok &= vv > 0.5 * med[:, None]
     nu = np.where(ok, signs[:, None] * c / np.sqrt(np.where(vv > 0, vv, 1.0)), 0.0)
     return np.sum(np.where(ok, np.maximum(nu, 0.0) ** 2 - 0.5, 0.0), axis=0)
