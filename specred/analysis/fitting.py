@@ -599,7 +599,7 @@ def _prepare(spec, z, lines, groups):
 def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, continuum_order: int = 1,
               window_kms: float = 3000.0, edge_kms: float = 0.0, detect_snr: float = 3.0,
               mc: int = 0, seed: int | None = 0, balmer_absorption: bool | str = False,
-              stellar_continuum=False) -> LineFitResult:
+              stellar_continuum=False, start_grid: bool = True) -> LineFitResult:
     """Fit emission lines of ``spec`` at redshift ``z``.
 
     ``lines``: catalogue names fitted as one narrow group (default: the BPT lines);
@@ -616,6 +616,10 @@ def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, cont
     and the redshift puts the spectrum in their range; a
     :class:`~specred.analysis.stellar.StellarContinuum` is used as given.
     ``mc``: number of Monte-Carlo noise realisations for the errors (0: covariance).
+    ``start_grid``: before optimising, search a coarse grid of each group's shift (and
+    width) so that the optimiser cannot lock onto a neighbouring line; False starts from the
+    groups' ``shift_kms``/``sigma_kms`` as given (when they come from a previous fit of the
+    same lines, the grid only costs time).
     Lines outside the spectrum (or in masked gaps) are reported with ``covered=False``.
     """
     groups = _prepare(spec, z, lines, groups)
@@ -623,7 +627,8 @@ def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, cont
     if sc is not None:
         base = np.where(np.isfinite(sc.model), sc.model, 0.0)
         sub = replace(spec, flux=spec.flux - base)
-        res = _fit(sub, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed, base=base)
+        res = _fit(sub, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed, base=base,
+                   start_grid=start_grid)
         return replace(res, stellar=sc)
     if balmer_absorption:
         with_abs = [replace(g, absorption=tuple(n for n in g.lines if n in L.BALMER)) if g.sigma_kms < 1000 else g
@@ -631,15 +636,16 @@ def fit_lines(spec: AnalysisSpectrum, z: float, lines=None, *, groups=None, cont
         args = (continuum_order, window_kms, edge_kms, detect_snr)
         if balmer_absorption == "auto" and any(g.absorption for g in with_abs):
             # both models on the same pixels (windows wide enough for the absorption wings)
-            plain = _fit(spec, z, groups, *args, 0, seed, wide_balmer=True)
-            absfit = _fit(spec, z, with_abs, *args, 0, seed, wide_balmer=True)
+            plain = _fit(spec, z, groups, *args, 0, seed, wide_balmer=True, start_grid=start_grid)
+            absfit = _fit(spec, z, with_abs, *args, 0, seed, wide_balmer=True, start_grid=start_grid)
             use_abs = plain.dof > 0 and plain.chi2 - absfit.chi2 > 11.8
             if mc:
-                return _fit(spec, z, with_abs if use_abs else groups, *args, mc, seed, wide_balmer=True)
+                return _fit(spec, z, with_abs if use_abs else groups, *args, mc, seed, wide_balmer=True,
+                            start_grid=start_grid)
             return absfit if use_abs else plain
         if balmer_absorption != "auto":
-            return _fit(spec, z, with_abs, *args, mc, seed, wide_balmer=True)
-    return _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed)
+            return _fit(spec, z, with_abs, *args, mc, seed, wide_balmer=True, start_grid=start_grid)
+    return _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed, start_grid=start_grid)
 
 
 def _stellar(spec, z, how):
@@ -662,7 +668,7 @@ def _stellar(spec, z, how):
 
 
 def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc, seed,
-         wide_balmer=False, base=None) -> LineFitResult:
+         wide_balmer=False, base=None, start_grid=True) -> LineFitResult:
     model = _Model(spec, z, groups, continuum_order=continuum_order, window_kms=window_kms, edge_kms=edge_kms,
                    wide_balmer=wide_balmer)
     if model.n_lines == 0:
@@ -671,7 +677,7 @@ def _fit(spec, z, groups, continuum_order, window_kms, edge_kms, detect_snr, mc,
                              np.nan, 0, "none", flags="NO_LINE_COVERED")
     if "TOO_FEW_PIXELS" in model.flags:
         raise SpectrumError(f"{spec.name}: too few usable pixels around the lines for the fit")
-    theta = _fit_theta(model, model.theta0)
+    theta = _fit_theta(model, model.theta0, grid=start_grid)
     beta, r, _ = model.solve(theta)
     A = model.design(theta)
     chi2 = float(r @ r)

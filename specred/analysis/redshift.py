@@ -342,10 +342,18 @@ def _global_score(ls: _LogSpec, template: str, z: float, n_shift: int = 4) -> tu
     sws = sw[sel]
     y = ls.r_broad[sel] * sws
     chi0 = float(y @ y)
-    # columns for every shift at once: unit-flux Gaussians (flux density per Å) × sign
+    # columns for every shift at once: unit-flux Gaussians (flux density per Å) × sign.
+    # The shifts are whole steps of the uniform ln λ grid, so the profiles at shift k are
+    # those at the central shift read k pixels earlier, scaled by exp(-k dx) (the 1/λ of a
+    # flux density): one set of exponentials instead of one per shift
     c = rest[None, :] + us[:, None]                                   # (n_shift, n_line)
-    lam = np.exp(c)
-    prof = np.exp(-0.5 * ((xs[None, :, None] - c[:, None, :]) / wd) ** 2) / (np.sqrt(2 * np.pi) * wd * lam[:, None, :])
+    i_sel = np.nonzero(sel)[0]
+    ks = np.arange(-n_shift, n_shift + 1)
+    ilo = i_sel[0] - n_shift
+    xg = x0 + np.arange(ilo, i_sel[-1] + n_shift + 1) * ls.dx
+    uc = us[n_shift]
+    base = np.exp(-0.5 * ((xg[:, None] - rest - uc) / wd) ** 2) / (np.sqrt(2 * np.pi) * wd * np.exp(rest + uc))
+    prof = base[i_sel[None, :] - ks[:, None] - ilo] * np.exp(-ks * ls.dx)[:, None, None]
     A_all = sg * prof * sws[None, :, None] * inside[:, None, :]   # a line counts only where it is inside
     if use_break:
         # the 4000 Å break of old stars as a smoothed step (flux rising redward) on the
@@ -360,15 +368,22 @@ def _global_score(ls: _LogSpec, template: str, z: float, n_shift: int = 4) -> tu
     if use_prior:
         cont_l = np.interp(c[:, pri[:c.shape[1]]], ls.x, ls.cont)      # continuum at each line
     best = (-np.inf, z)
+    # the least squares of each shift on the (n_line × n_line) triangle of its QR
+    # decomposition, all shifts in one batched call: ‖A b − y‖² = ‖R b − Qᵀy‖² + ‖y‖² − ‖Qᵀy‖²,
+    # so the gain of the tall problem is ‖Qᵀy‖² − ‖R b − Qᵀy‖² (and NNLS runs on a tiny matrix)
+    Q, R_all = np.linalg.qr(A_all)
+    qty_all = np.einsum("kpm,p->km", Q, y)
     for k, u in enumerate(us):
-        A = A_all[k]
-        keep = np.any(A != 0, axis=0)
+        keep = np.any(A_all[k] != 0, axis=0)
         if not np.any(keep):
             continue
-        beta, rnorm = nnls(A[:, keep], y, maxiter=300)
-        gain = chi0 - rnorm ** 2
+        A = R_all[k][:, keep]
+        qty = qty_all[k]
+        q2 = float(qty @ qty)
+        beta, rnorm = nnls(A, qty, maxiter=300)
+        gain = q2 - rnorm ** 2
         if use_prior:
-            e = np.zeros(A.shape[1])
+            e = np.zeros(A_all.shape[2])
             e[np.where(pri)[0]] = ew[pri] * np.exp(u) * np.maximum(cont_l[k], 0.0)
             e = e[keep]
             pk = pri[keep]
@@ -381,9 +396,9 @@ def _global_score(ls: _LogSpec, template: str, z: float, n_shift: int = 4) -> tu
                 rows = np.zeros((idx.size, keep.sum() + 1))
                 rows[np.arange(idx.size), idx] = 1.0 / scale
                 rows[:, -1] = -e[pk] / scale
-                Aa = np.vstack([np.hstack([A[:, keep], np.zeros((A.shape[0], 1))]), rows])
-                beta2, rn2 = nnls(Aa, np.concatenate([y, np.zeros(idx.size)]), maxiter=300)
-                gain = chi0 - rn2 ** 2
+                Aa = np.vstack([np.hstack([A, np.zeros((A.shape[0], 1))]), rows])
+                beta2, rn2 = nnls(Aa, np.concatenate([qty, np.zeros(idx.size)]), maxiter=300)
+                gain = q2 - rn2 ** 2
                 beta = beta2[:-1]
         gain -= float(np.sum(beta > 0))
         if gain > best[0]:
@@ -572,7 +587,9 @@ def _measure(spec, template, z0, fit0, sig, margin, candidates, min_line_snr, ex
     f1 = None
     if feat_groups:
         try:
-            f1 = fit_lines(spec, z0, groups=feat_groups, window_kms=4000.0 if template != "qso" else 15000.0)
+            # each feature starts at its group's fitted shift and width: no start grid needed
+            f1 = fit_lines(spec, z0, groups=feat_groups, window_kms=4000.0 if template != "qso" else 15000.0,
+                           start_grid=False)
         except Exception:  # noqa: BLE001 - no per-feature redshifts; reported below
             f1 = None
     for fg, (g, members, grp, sig_kms) in zip(feat_groups, feat_of):
