@@ -283,8 +283,12 @@ BREAK_HALF = 0.06
 
 def _template_columns(template, ls):
     """(names, ln rest λ, σ in ln λ, sign, expected EW or NaN) of the template's lines."""
+    return _template_columns_cached(template, round(float(ls.lsf_kms), 1))
+
+
+@lru_cache(maxsize=64)
+def _template_columns_cached(template, lsf):
     names = list(FIT_LINES[template])
-    lsf = ls.lsf_kms
     extra = ()
     if template == "absorption":
         names = [n for n in names if n in ABSORPTION_SIGMA_AA]
@@ -302,7 +306,10 @@ def _template_columns(template, ls):
     names += list(extra)
     wid += [np.hypot(150.0, lsf)] * len(extra)
     sign += [1.0] * len(extra)
-    return names, np.log(L.rest_vac(names)), np.array(wid) / C_KMS, np.array(sign), exp_ew
+    out = (np.log(L.rest_vac(names)), np.array(wid) / C_KMS, np.array(sign), exp_ew)
+    for a in out:
+        a.flags.writeable = False          # shared by every call through the cache
+    return (tuple(names),) + out
 
 
 def _global_score(ls: _LogSpec, template: str, z: float, n_shift: int = 4) -> tuple[float, float]:
@@ -373,13 +380,19 @@ def _global_score(ls: _LogSpec, template: str, z: float, n_shift: int = 4) -> tu
     # so the gain of the tall problem is ‖Qᵀy‖² − ‖R b − Qᵀy‖² (and NNLS runs on a tiny matrix)
     Q, R_all = np.linalg.qr(A_all)
     qty_all = np.einsum("kpm,p->km", Q, y)
-    for k, u in enumerate(us):
+    q2_all = np.einsum("km,km->k", qty_all, qty_all)
+    # ‖Qᵀy‖² (the unconstrained gain) bounds the gain from above: shifts are tried from the
+    # highest bound down and the search stops once no bound beats the best gain found
+    for k in np.argsort(-q2_all, kind="stable"):
+        u = us[k]
+        q2 = float(q2_all[k])
+        if q2 <= best[0]:
+            break
         keep = np.any(A_all[k] != 0, axis=0)
         if not np.any(keep):
             continue
         A = R_all[k][:, keep]
         qty = qty_all[k]
-        q2 = float(qty @ qty)
         beta, rnorm = nnls(A, qty, maxiter=300)
         gain = q2 - rnorm ** 2
         if use_prior:
