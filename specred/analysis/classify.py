@@ -42,7 +42,7 @@ import time
 import warnings
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -144,23 +144,32 @@ class Classification:
 
 # ============================================================================ one spectrum
 def _header_info(path) -> dict:
-    """OBJECT, INSTRUME, RA, DEC (deg) from a FITS file's headers (SDSS: PLUG_RA/PLUG_DEC)."""
+    """OBJECT, INSTRUME, RA, DEC (deg) from a FITS file's headers (SDSS: PLUG_RA/PLUG_DEC);
+    for a file the reader rejected (the loaded spectrum carries them in its ``meta``)."""
     out = {"object": "", "instrument": "", "ra": np.nan, "dec": np.nan}
     try:
         with fits.open(path, memmap=False) as hdul:
             for h in hdul[:2]:
-                hd = h.header
-                out["object"] = out["object"] or str(hd.get("OBJECT", "")).strip()
-                out["instrument"] = out["instrument"] or str(hd.get("INSTRUME", "")).strip()
-                for key, kk in (("ra", ("RA", "PLUG_RA")), ("dec", ("DEC", "PLUG_DEC"))):
-                    for k in kk:
-                        v = hd.get(k)
-                        if np.isfinite(out[key]):
-                            break
-                        if isinstance(v, (int, float)) and np.isfinite(v):
-                            out[key] = float(v)
+                out = _meta_info(h.header, out)
     except (OSError, ValueError):
         pass
+    return out
+
+
+def _meta_info(meta, out=None) -> dict:
+    """OBJECT, INSTRUME, RA, DEC (deg) from a header or a spectrum's ``meta`` (filling what
+    ``out`` does not have yet)."""
+    out = dict(out) if out is not None else {"object": "", "instrument": "", "ra": np.nan, "dec": np.nan}
+    meta = meta or {}
+    out["object"] = out["object"] or str(meta.get("OBJECT", "")).strip()
+    out["instrument"] = out["instrument"] or str(meta.get("INSTRUME", "")).strip()
+    for key, kk in (("ra", ("RA", "PLUG_RA")), ("dec", ("DEC", "PLUG_DEC"))):
+        for k in kk:
+            v = meta.get(k)
+            if np.isfinite(out[key]):
+                break
+            if isinstance(v, (int, float, np.integer, np.floating)) and np.isfinite(v):
+                out[key] = float(v)
     return out
 
 
@@ -217,17 +226,18 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
     name = getattr(path_or_spec, "name", "") or ""
     if isinstance(path_or_spec, (str, Path)):
         name = str(path_or_spec)
-        info = _header_info(path_or_spec)
         try:
             spec = load_spectrum(path_or_spec)
-        except SpecredError as exc:
-            return Classification(name, "unknown", f"spectrum not usable: {exc}", flags=("UNREADABLE",),
-                                  target_id=target_id, seconds=time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - any reader failure is reported, the batch goes on
-            return Classification(name, "unknown", f"spectrum not readable: {type(exc).__name__}: {exc}",
-                                  flags=("UNREADABLE",), target_id=target_id, seconds=time.perf_counter() - t0)
+            info = _header_info(path_or_spec)     # whatever the headers still say about the target
+            why = (f"spectrum not usable: {exc}" if isinstance(exc, SpecredError)
+                   else f"spectrum not readable: {type(exc).__name__}: {exc}")
+            return Classification(name, "unknown", why, flags=("UNREADABLE",),
+                                  target_id=target_id or info["object"], instrument=info["instrument"],
+                                  ra=info["ra"], dec=info["dec"], seconds=time.perf_counter() - t0)
     else:
         spec = path_or_spec
+    info = _meta_info(getattr(spec, "meta", None))
     base = dict(target_id=target_id or info["object"], instrument=info["instrument"], ra=info["ra"],
                 dec=info["dec"])
     snr = _snr(spec)
@@ -369,6 +379,19 @@ def _one(args):
         return c.to_row(), c
 
 
+def _match_target(targets, ra, dec, obj) -> str:
+    """The id in ``targets`` of a spectrum at (ra, dec) deg with OBJECT ``obj``: the position
+    match, else the one target whose id and OBJECT contain each other; '' if none."""
+    m = targets.match(ra, dec)
+    if m is not None:
+        return m.id
+    if obj:
+        hits = [i for i in targets.ids if i and (i in obj or obj in i)]
+        if len(hits) == 1:
+            return hits[0]
+    return ""
+
+
 def _combine_redshifts(tab: Table) -> None:
     """Spectra of one target (EFOSC2 + SofI): the error-weighted mean redshift of those
     that agree within 0.01(1+z) goes to every row, the error including their scatter, and
@@ -412,18 +435,7 @@ def classify_spectra(paths, *, targets=None, workers: int = 1, n_mc: int = 200, 
     a wrapper like :func:`specred.progress.progress`.  ``keep_objects``: also return the
     full :class:`Classification` objects (for plots)."""
     paths = [Path(p) for p in paths]
-    jobs = []
-    for p in paths:
-        tid = ""
-        if targets is not None:
-            info = _header_info(p)
-            m = targets.match(info["ra"], info["dec"])
-            if m is None and info["object"]:
-                hits = [i for i in targets.ids if i and (i in info["object"] or info["object"] in i)]
-                tid = hits[0] if len(hits) == 1 else ""
-            elif m is not None:
-                tid = m.id
-        jobs.append((p, tid, dict(n_mc=n_mc, seed=seed, **opts)))
+    jobs = [(p, "", dict(n_mc=n_mc, seed=seed, **opts)) for p in paths]
     rows, objs = [], []
     wrap = progress or (lambda it, **k: it)
     if workers <= 1 or len(jobs) < 2:
@@ -438,6 +450,14 @@ def classify_spectra(paths, *, targets=None, workers: int = 1, n_mc: int = 200, 
                              total=len(jobs)):
                 rows.append(r)
                 objs.append(c if keep_objects else None)
+    if targets is not None:
+        # name each spectrum by the target list (position, else OBJECT), from the header
+        # values the workers read with the spectrum (no second pass over the files)
+        for i, r in enumerate(rows):
+            tid = _match_target(targets, r["ra"], r["dec"], r["target_id"]) or r["target_id"]
+            r["target_id"] = tid
+            if objs[i] is not None:
+                objs[i] = replace(objs[i], target_id=tid)
     tab = Table(rows=rows, names=list(COLUMNS)) if rows else Table(names=list(COLUMNS))
     for r in rows:
         if "UNREADABLE" in r["flags"] or "INTERNAL_ERROR" in r["flags"]:
