@@ -345,7 +345,8 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
         except SpecredError as exc:
             flags.append(f"METALLICITY_FAILED:{exc}")
     try:
-        wr = measure_wr_bump(spec, zval, lines=fit)
+        # a star-forming host's nebular He II / [Fe III] cannot be strong (wr.NEBULAR_MAX_HBETA)
+        wr = measure_wr_bump(spec, zval, lines=fit, star_forming=cls in ("SF", "composite"))
         if wr.wr:
             flags.append("WR")
             why += f"; Wolf-Rayet bump ({wr.reason})"
