@@ -348,7 +348,6 @@ def _global_score(ls: _LogSpec, template: str, z: float, n_shift: int = 4) -> tu
     xs = ls.x[sel]
     sws = sw[sel]
     y = ls.r_broad[sel] * sws
-    chi0 = float(y @ y)
     # columns for every shift at once: unit-flux Gaussians (flux density per Å) × sign.
     # The shifts are whole steps of the uniform ln λ grid, so the profiles at shift k are
     # those at the central shift read k pixels earlier, scaled by exp(-k dx) (the 1/λ of a
