@@ -393,6 +393,10 @@ def _match_target(targets, ra, dec, obj) -> str:
     return ""
 
 
+def _one_row(args):
+    return _one(args)[0], None
+
+
 def _combine_redshifts(tab: Table) -> None:
     """Spectra of one target (EFOSC2 + SofI): the error-weighted mean redshift of those
     that agree within 0.01(1+z) goes to every row, the error including their scatter, and
@@ -446,8 +450,11 @@ def classify_spectra(paths, *, targets=None, workers: int = 1, n_mc: int = 200, 
             objs.append(c if keep_objects else None)
     else:
         chunk = max(1, min(64, len(jobs) // (8 * workers)))
+        # the full measurement objects only come back when asked for: pickling them (line
+        # fits, models) kept the parent busy on a quarter of a core
+        fn = _one if keep_objects else _one_row
         with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as ex:
-            for r, c in wrap(ex.map(_one, jobs, chunksize=chunk), desc="classify", unit="spectrum",
+            for r, c in wrap(ex.map(fn, jobs, chunksize=chunk), desc="classify", unit="spectrum",
                              total=len(jobs)):
                 rows.append(r)
                 objs.append(c if keep_objects else None)
