@@ -791,13 +791,7 @@ def _fit_blue(win: _Window, zn, q, n_mc, rng, model, base, hbeta=None):
     win.add_fixed("ArIV_4740", win.narrow_cols(ARIV_4740, zn, q), nonneg=True)
     win.broad_rest = np.array([L.rest_wavelength("NIII_4640"), L.rest_wavelength("HeII_4686")])
     grid = _fwhm_grid(q, float(np.interp(BUMP_CENTRE * (1 + win.z), win.wave, win.lsf)))
-    _set_caps(win, hbeta)
-    full = win.state()
-    # the nebular lines are emission: both models with their fluxes >= 0 (and, for a
-    # star-forming nebula, at most NEBULAR_MAX_HBETA × Hβ)
-    (_, chi2_0), _ = win.nonneg_fit(win.solve)
-    win.restore(full)
-    (dv, fw, beta, chi2), _ = win.nonneg_fit(lambda: win.search(DV_GRID, grid), beta_at=2)
+    full, chi2_0, (dv, fw, beta, chi2) = _null_and_bump(win, grid, hbeta)
     nf = len(win.fixed)
     at_fw = _at_bound(fw, grid)
     cov, redchi = win.covariance(dv, fw, beta, chi2, free_dv=not _at_bound(dv, DV_GRID), free_fwhm=not at_fw)
@@ -849,11 +843,7 @@ def _fit_red(win: _Window, zn, q, n_mc, rng, model, base, hbeta=None):
     c4 = L.rest_wavelength("CIV_5808")
     win.broad_rest = np.array([c4])
     grid = _fwhm_grid(q, float(np.interp(c4 * (1 + win.z), win.wave, win.lsf)))
-    _set_caps(win, hbeta)
-    full = win.state()
-    (_, chi2_0), _ = win.nonneg_fit(win.solve)
-    win.restore(full)
-    (dv, fw, beta, chi2), _ = win.nonneg_fit(lambda: win.search(DV_GRID, grid), beta_at=2)
+    full, chi2_0, (dv, fw, beta, chi2) = _null_and_bump(win, grid, hbeta)
     nf = len(win.fixed)
     cov, redchi = win.covariance(dv, fw, beta, chi2, free_dv=not _at_bound(dv, DV_GRID),
                                  free_fwhm=not _at_bound(fw, grid))
@@ -868,6 +858,19 @@ def _fit_red(win: _Window, zn, q, n_mc, rng, model, base, hbeta=None):
     _store(model, "red", win, beta, dv, fw, base)
     return dict(flux=flux, err=err, sig=float(np.sign(flux) * np.sqrt(max(dchi2, 0.0))),
                 ew=float(flux / cont / (1 + win.z)) if cont > 0 else float("nan"), fwhm=float(fw))
+
+
+def _null_and_bump(win, grid, hbeta):
+    """χ² of the model without broad components and the best broad candidate (dv, fwhm,
+    beta, χ²), the nebular lines being emission in both: fluxes >= 0 (and, for a
+    star-forming host, at most NEBULAR_MAX_HBETA × Hβ).  Returns (the window's state
+    before, χ²₀, best); the window keeps the column set of the best."""
+    _set_caps(win, hbeta)
+    full = win.state()
+    (_, chi2_0), _ = win.nonneg_fit(win.solve)
+    win.restore(full)
+    best, _ = win.nonneg_fit(lambda: win.search(DV_GRID, grid), beta_at=2)
+    return full, chi2_0, best
 
 
 def _set_caps(win, hbeta):
