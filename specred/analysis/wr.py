@@ -281,6 +281,8 @@ class _Window:
         idx = np.flatnonzero(sel)
         self.idx, self.n = idx, idx.size
         self.covered = False
+        # nebular columns held >= 0, their upper limits, and amplitudes held at a limit
+        self.nonneg, self.caps, self.pinned = set(), {}, {}
         if self.n < CONTINUUM_ORDER + 12:
             return
         wgood = spec.wave[spec.good]
@@ -337,7 +339,7 @@ class _Window:
         self.fixed.append(col)
         self.fixed_names.append(name)
         if nonneg:
-            self.nonneg = getattr(self, "nonneg", set()) | {name}
+            self.nonneg.add(name)
         self._nfixed = None
 
     def drop_fixed(self, name, value=0.0):
@@ -346,12 +348,12 @@ class _Window:
         k = self.fixed_names.index(name)
         if value:
             self.y = self.y - value * self.fixed[k]
-            self.pinned = getattr(self, "pinned", {}) | {name: (value, self.fixed[k])}
+            self.pinned[name] = (value, self.fixed[k])
         del self.fixed[k], self.fixed_names[k]
         self._nfixed = None
 
     def state(self):
-        return (list(self.fixed), list(self.fixed_names), self.y, dict(getattr(self, "pinned", {})))
+        return (list(self.fixed), list(self.fixed_names), self.y, dict(self.pinned))
 
     def restore(self, st):
         self.fixed, self.fixed_names, self.y, self.pinned = list(st[0]), list(st[1]), st[2], dict(st[3])
@@ -367,13 +369,13 @@ class _Window:
         significance.  Returns (fit output, names held); the window keeps the reduced
         column set."""
         dropped = []
-        caps = getattr(self, "caps", {})
+        caps = self.caps
         while True:
             out = fit()
             beta = out[beta_at]
             worst, name, value = 0.0, None, 0.0
             for k, n in enumerate(self.fixed_names):
-                if n not in getattr(self, "nonneg", ()):
+                if n not in self.nonneg:
                     continue
                 nrm = float(np.linalg.norm(self.fixed[k] * self.w))
                 if beta[k] * nrm < worst:
@@ -887,7 +889,7 @@ def _store(model, key, win, beta, dv, fw, base):
     nb = win.broad_rest.size
     G = win.broad(np.array([dv]), np.array([fw]))[0]
     cont = B[:, :nc] @ beta[:nc] + (0.0 if base is None else base[win.idx])
-    narrow = B[:, nc:] @ beta[nc:B.shape[1]] + sum((v * col for v, col in getattr(win, "pinned", {}).values()),
+    narrow = B[:, nc:] @ beta[nc:B.shape[1]] + sum((v * col for v, col in win.pinned.values()),
                                                    np.zeros(win.n))
     model[key] = {"wave": win.wave.copy(), "continuum": cont, "narrow": narrow,
                   "broad": G @ beta[-nb:], "broad_parts": G * beta[-nb:], "z": win.z}
