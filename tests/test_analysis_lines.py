@@ -242,6 +242,54 @@ def test_qso_and_absorption_templates_are_found():
         assert zr.template == {"QSO": "qso", "E": "absorption"}[kind]
 
 
+def test_candidate_pruning_changes_neither_winner_nor_margin(tmp_path):
+    """Candidates left out by their upper bound could not have changed the best Δχ², the
+    best at a distinct redshift or the absorption score the classifier reads: compared with
+    solving every candidate, on simulated spectra of every class."""
+    from specred.analysis import redshift as R
+    from specred.simulate import simulate_spectra
+    res = simulate_spectra(tmp_path, 40, seed=4, snr_range=(5.0, 50.0))
+    n_left_out = 0
+    for r in res.truth:
+        ls = R._resample_log(load_spectrum(tmp_path / "spectra" / r["file"]))
+        u = np.arange(0.0, np.log1p(4.0) + ls.dx, ls.dx)
+        cands = []
+        for t, comps, resid in (("emission", R.EMISSION_COMPONENTS, ls.r_narrow),
+                                ("qso", R.QSO_COMPONENTS, ls.r_broad),
+                                ("absorption", R.ABSORPTION_COMPONENTS, ls.r_narrow)):
+            sc = R._template_score(ls, comps, R.FILTER_SIGMA[t], resid, u)
+            cands += [(t, float(np.expm1(u[i])), 0.0) for i in R._peaks(sc, u, 4, 0.01)]
+        full = sorted(((g, t, zg) for t, zc, _ in cands for g, zg in [R._global_score(ls, t, zc)]
+                       if np.isfinite(g)), reverse=True)
+        pruned = R._refine(ls, cands)
+        n_left_out += len(full) - len(pruned)
+        assert pruned[0] == pytest.approx(full[0])
+        best_other = [x for x in full if R._distinct(x[2], full[0][2])][:1]
+        assert [x for x in pruned if R._distinct(x[2], pruned[0][2])][:1] == pytest.approx(best_other)
+        near_abs = [x for x in full if x[1] == "absorption" and abs(x[2] - full[0][2]) < 0.003 * (1 + full[0][2])]
+        assert all(x in pruned for x in near_abs)
+    assert n_left_out > 40          # and it does leave candidates out
+
+
+def test_normal_equation_triangles_match_qr():
+    from specred.analysis.redshift import _triangles
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((5, 300, 6)) * np.array([1e17, 1e15, 1e17, 1e16, 1e17, 1e3])
+    A[2, :, 4] = 0.0                      # a line outside the spectrum at one shift
+    y = rng.standard_normal(300)
+    R, qty, keep = _triangles(A, y)
+    assert keep.sum() == A.shape[0] * A.shape[2] - 1 and not keep[2, 4]
+    for k in range(A.shape[0]):
+        a = A[k][:, keep[k]]
+        q, _ = np.linalg.qr(a / np.linalg.norm(a, axis=0))
+        proj = float(np.sum((q.T @ y) ** 2))             # ‖Qᵀy‖²: the explained part of y
+        assert float(qty[k] @ qty[k]) == pytest.approx(proj, rel=1e-9)
+        # the same quadratic form: ‖R b − Qᵀy‖² + ‖y‖² − ‖Qᵀy‖² = ‖A b − y‖² for any b
+        b = rng.standard_normal(a.shape[1]) / np.abs(a).max(axis=0)
+        lhs = np.sum((R[k][:, keep[k]] @ b - qty[k]) ** 2) + y @ y - qty[k] @ qty[k]
+        assert lhs == pytest.approx(np.sum((a @ b - y) ** 2), rel=1e-9)
+
+
 def test_featureless_spectrum_gets_no_confident_redshift():
     rng = np.random.default_rng(0)
     w = np.arange(3700.0, 9300.0, 5.6)
