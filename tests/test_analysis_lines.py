@@ -364,3 +364,28 @@ def test_cli_fit_batch_writes_a_table_and_reports_bad_input(tmp_path, capsys):
     assert "medium not stated" in capsys.readouterr().err
     assert main(["fit", str(bad), "--batch", "--medium", "air"]) == 2
     assert "has no unit" in capsys.readouterr().err
+
+
+def test_bounded_levenberg_marquardt_stays_within_bounds():
+    from specred.analysis.fitting import _bounded_leastsq
+    t = np.linspace(0, 1, 50)
+    y = 2.0 * np.exp(-3.0 * t)
+
+    def fun(x):
+        return x[0] * np.exp(-x[1] * t) - y
+
+    def jac(x):
+        e = np.exp(-x[1] * t)
+        return np.column_stack([e, -x[0] * t * e])
+
+    lo, hi = np.array([0.0, 0.0]), np.array([10.0, 10.0])
+    x = _bounded_leastsq(fun, jac, np.array([1.0, 1.0]), lo, hi, xtol=1e-10, ftol=1e-12, max_nfev=200)
+    assert x == pytest.approx([2.0, 3.0], rel=1e-6)
+    # the optimum outside the box: the answer is on the bound, not beyond it
+    x = _bounded_leastsq(fun, jac, np.array([1.0, 1.0]), lo, np.array([10.0, 2.0]), xtol=1e-10, ftol=1e-12,
+                         max_nfev=200)
+    assert 0.0 <= x[1] <= 2.0 and x[1] == pytest.approx(2.0, abs=1e-3)
+    # out of evaluations: the best point seen, still inside the bounds
+    x = _bounded_leastsq(fun, jac, np.array([1.0, 1.0]), lo, hi, xtol=1e-10, ftol=1e-12, max_nfev=2)
+    assert np.all((x >= lo) & (x <= hi))
+    assert np.sum(fun(x) ** 2) <= np.sum(fun(np.array([1.0, 1.0])) ** 2) * (1 + 1e-12)

@@ -11,11 +11,11 @@ stellar absorption Gaussian (centred on the emission, common width per fit).
 
 How it is solved (variable projection, Golub & Pereyra 1973): for given shifts and widths
 the model is linear in the continuum coefficients and line fluxes, so those are solved
-exactly by weighted linear least squares; lmfit (``leastsq``) optimises only the few
-non-linear parameters (shift and width per group), after a coarse grid over the shift so
+exactly by weighted linear least squares; Levenberg-Marquardt (MINPACK, bounded as in
+lmfit) optimises only the few non-linear parameters (shift and width per group), after a coarse grid over the shift so
 that a line cannot lock onto its neighbour (Hα onto [N II]).  The covariance of *all*
 parameters comes from the full Jacobian at the optimum and is scaled by the reduced χ²
-(as lmfit does); ``mc=N`` instead repeats the fit on N noise realisations drawn from the
+(as lmfit and MINPACK do); ``mc=N`` instead repeats the fit on N noise realisations drawn from the
 errors.  A line whose S/N is below ``detect_snr`` gets a 3σ upper limit from its flux
 error at fixed kinematics.
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import astropy.units as u
-import lmfit
 from astropy.table import QTable, Table
 
 from ..errors import SpectrumError
@@ -485,7 +484,7 @@ class _Model:
 
 # ============================================================================ fitting
 def _fit_theta(model: _Model, theta0, y=None, grid=True):
-    """Optimise the non-linear parameters with lmfit; returns theta."""
+    """Optimise the non-linear parameters (bounded Levenberg-Marquardt); returns theta."""
     theta = np.array(theta0, float)
     vary = np.array(model.vary, bool)
     if grid and y is None:
@@ -518,24 +517,66 @@ def _fit_theta(model: _Model, theta0, y=None, grid=True):
             theta[-1] = sigs[int(np.argmin(model.chi2_grid(cands)))]
     if not np.any(vary):
         return theta
-    params = lmfit.Parameters()
-    for name, v, lo, hi, var in zip(model.theta_names, theta, model.lo, model.hi, vary):
-        # start just inside the bounds: at a bound lmfit's bounded transform has zero
-        # gradient and the optimiser could never leave it
-        inset = 0.01 * (hi - lo) if var else 0.0
-        params.add(name, value=float(np.clip(v, lo + inset, hi - inset)), min=lo, max=hi, vary=bool(var))
-    order = list(model.theta_names)
-    free = np.where(vary)[0]
+    order = np.where(vary)[0]
+    # start just inside the bounds: at a bound the bounded transform has zero gradient and
+    # the optimiser could never leave it
+    lo, hi = np.asarray(model.lo, float), np.asarray(model.hi, float)
+    inset = 0.01 * (hi - lo)
+    start = np.clip(theta, lo + inset, hi - inset)
 
-    def evaluate(p, jacobian):
-        return model.solve(np.array([p[n].value for n in order]), y, jacobian=jacobian)
+    def full(x):
+        th = theta.copy()
+        th[order] = x
+        return th
 
     # tolerances: a relative χ² change of 1e-6 is ~1e-4 in absolute χ², far below the
     # Δχ² = 1 that sets the errors
-    res = lmfit.minimize(lambda p: evaluate(p, False)[1], params, method="leastsq",
-                         Dfun=lambda p: evaluate(p, True)[2][:, free], xtol=1e-5, ftol=1e-6, max_nfev=400,
-                         calc_covar=False)          # the covariance is computed with the fluxes
-    return np.array([res.params[n].value for n in order])
+    x = _bounded_leastsq(lambda x: model.solve(full(x), y)[1],
+                         lambda x: model.solve(full(x), y, jacobian=True)[2][:, order],
+                         start[order], lo[order], hi[order], xtol=1e-5, ftol=1e-6, max_nfev=400)
+    return full(x)
+
+
+def _bounded_leastsq(fun, jac, x0, lo, hi, *, xtol, ftol, max_nfev):
+    """Levenberg-Marquardt (MINPACK ``lmder`` through :func:`scipy.optimize.leastsq`) within
+    finite bounds by the Minuit transform x = lo + (sin u + 1)(hi − lo)/2, as lmfit's
+    ``leastsq`` does (James 1994, MINUIT manual), without its per-call parameter objects:
+    the fits here are small and many, and that bookkeeping cost as much as the model.
+    Returns x at the optimum (the best point found when ``max_nfev`` runs out)."""
+    from scipy.optimize import leastsq
+    half = (hi - lo) / 2.0
+    u0 = np.arcsin(np.clip((x0 - lo) / half - 1.0, -1.0, 1.0))
+    best = [np.inf, np.array(x0, float)]
+    nfev = [0]
+
+    class _Stop(Exception):
+        pass
+
+    def to_x(u):
+        return lo + (np.sin(u) + 1.0) * half
+
+    def f(u):
+        nfev[0] += 1
+        if nfev[0] > max_nfev:
+            raise _Stop
+        x = to_x(u)
+        r = fun(x)
+        if not np.all(np.isfinite(r)):
+            raise ValueError("the line model gave non-finite residuals (check the spectrum's errors)")
+        c = float(r @ r)
+        if c < best[0]:
+            best[0], best[1] = c, x
+        return r
+
+    def df(u):
+        return jac(to_x(u)) * (np.cos(u) * half)
+
+    try:
+        u = leastsq(f, u0, Dfun=df, full_output=False, col_deriv=0, ftol=ftol, xtol=xtol, gtol=0.0,
+                    maxfev=2 * max_nfev, factor=100)[0]
+    except _Stop:
+        return best[1]
+    return to_x(u)
 
 
 def _normalised_inverse(m):
