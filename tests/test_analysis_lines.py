@@ -1,6 +1,8 @@
 """Line fitting, redshifts and spectrum loading (specred.analysis)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import astropy.units as u
@@ -389,3 +391,32 @@ def test_bounded_levenberg_marquardt_stays_within_bounds():
     x = _bounded_leastsq(fun, jac, np.array([1.0, 1.0]), lo, hi, xtol=1e-10, ftol=1e-12, max_nfev=2)
     assert np.all((x >= lo) & (x <= hi))
     assert np.sum(fun(x) ** 2) <= np.sum(fun(np.array([1.0, 1.0])) ** 2) * (1 + 1e-12)
+
+
+def test_sparse_gaussians_equal_the_dense_evaluation():
+    """The line model evaluates each Gaussian only near its allowed centres: the columns and
+    their derivatives equal the dense evaluation, and outside the bounds it falls back."""
+    from specred.analysis.fitting import _Model, narrow_group
+    spec = spec_of(*synthetic(z=0.05)[:3])
+    groups = [replace(narrow_group(tuple(L.BPT_LINES) + ("Hgamma",)), absorption=("Hbeta", "Halpha", "Hgamma"))]
+    m = _Model(spec, 0.05, groups, continuum_order=1, window_kms=3000.0, edge_kms=0.0, wide_balmer=True)
+    assert m._support["lines"] is not None and m._support["lines"][0].size < 0.5 * m.wave.size * m.n_lines
+    rng = np.random.default_rng(0)
+    lo, hi = np.array(m.lo), np.array(m.hi)
+    thetas = lo + rng.uniform(size=(6, lo.size)) * (hi - lo)
+    for th in list(thetas) + [thetas]:                 # single points and a batch
+        mu, s = m._centres(th)
+        m._band_memo.clear()
+        sparse = m._band(mu, s, derivs=True)
+        sup, m._support["lines"] = m._support["lines"], None
+        dense = m._band(mu, s, derivs=True)
+        m._support["lines"] = sup
+        for a, b in zip(sparse, dense):
+            assert np.allclose(a, b, rtol=1e-12, atol=1e-15 * np.abs(b).max())
+    # a centre beyond the bounds (not reachable by the fit) is evaluated densely
+    th = thetas[0].copy()
+    th[0] = hi[0] + 5000.0
+    mu, s = m._centres(th)
+    far = m._band(mu, s)
+    assert np.allclose(far, np.exp(-0.5 * (m.wave[:, None] - mu) ** 2 / (s ** 2 + m.pix2_12[:, None]))
+                       / np.sqrt(2 * np.pi * (s ** 2 + m.pix2_12[:, None])))

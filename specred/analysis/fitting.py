@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import astropy.units as u
+from scipy.linalg import cho_factor, cho_solve
 from astropy.table import QTable, Table
 
 from ..errors import SpectrumError
@@ -334,23 +335,87 @@ class _Model:
         self.yw = self.y * self.w
         self.WcTWc = self.Wc.T @ self.Wc
         self.WcTy = self.Wc.T @ self.yw
+        self._supports()
+
+    #: Gaussians are evaluated only within this many σ of their allowed centres (exp(-K²/2)
+    #: = 1e-22 of the peak: below double-precision rounding of any sum they enter)
+    SUPPORT_SIGMA = 10.0
+
+    def _supports(self):
+        """The (pixel, column) pairs where a line (or absorption) Gaussian of any centre and
+        width within the bounds can matter, for :meth:`_band`; None where most pairs can (a
+        dense evaluation is then as cheap).  A model spans several windows far apart, so most
+        Gaussians are zero on most of its pixels: this saves most of the exponentials."""
+        lo, hi, th0 = np.array(self.lo, float), np.array(self.hi, float), self.theta0
+        k_dv, k_q = 2 * self.slots, 2 * self.slots + 1
+        mu0 = self.rest * (1 + self.z0)
+        mu_lo = mu0 * (1 + np.minimum(lo[k_dv], th0[k_dv]) / C_KMS)
+        mu_hi = mu0 * (1 + np.maximum(hi[k_dv], th0[k_dv]) / C_KMS)
+        q = np.maximum(hi[k_q], th0[k_q])
+        s_hi = mu_hi / C_KMS * np.sqrt(np.maximum(q * np.abs(q) + self.lsf_line ** 2, 1.0))
+        self._support = {"lines": self._pairs(mu_lo, mu_hi, s_hi)}
+        self._band_memo = {}
+        if self.n_abs:
+            a = self.abs_lines
+            sa = max(hi[-1], th0[-1])
+            s_abs = mu_hi[a] / C_KMS * np.sqrt(sa ** 2 + self.lsf_line[a] ** 2)
+            self._support["abs"] = self._pairs(mu_lo[a], mu_hi[a], s_abs)
+
+    def _pairs(self, mu_lo, mu_hi, s_hi):
+        reach = self.SUPPORT_SIGMA * np.sqrt(s_hi[None, :] ** 2 + self.pix2_12[:, None])
+        w = self.wave[:, None]
+        near = (w > mu_lo[None, :] - reach) & (w < mu_hi[None, :] + reach)
+        if near.mean() > 0.5:
+            return None
+        pix, col = np.nonzero(near)
+        return pix, col, pix * mu_lo.size + col, (mu_lo, mu_hi, s_hi)
 
     # ---------------------------------------------------------------- evaluation
     # Every evaluation takes theta of shape (..., n_theta): a leading batch axis evaluates a
     # grid of candidates in one vectorised pass.
-    def _band(self, mu, s_aa, derivs=False):
+    def _band(self, mu, s_aa, derivs=False, kind="lines"):
         """Unit-flux Gaussians averaged over each pixel, shape (..., n_pix, n).
 
         The pixel average of a Gaussian of σ is, to better than 0.1 % for σ >= 1 pixel, a
         Gaussian of σ² + Δλ²/12 sampled at the pixel centre (the variance of the box); that
         is ~10x cheaper than differences of error functions.  ``derivs``: also the
-        derivatives with respect to the centre and to the total variance."""
-        se2 = s_aa[..., None, :] ** 2 + self.pix2_12[:, None]
-        d = self.wave[:, None] - mu[..., None, :]
-        g = np.exp(-0.5 * d * d / se2) / np.sqrt(2 * np.pi * se2)
+        derivatives with respect to the centre and to the total variance.  ``kind``: 'lines'
+        or 'abs', whose support (:meth:`_supports`) is used when the centres and widths are
+        within the bounds it was built for."""
+        sup = self._support.get(kind)
+        if sup is not None:
+            mu_lo, mu_hi, s_hi = sup[3]
+            tol = 1e-9 * mu_hi
+            if np.any(mu < mu_lo - tol) or np.any(mu > mu_hi + tol) or np.any(s_aa > s_hi * (1 + 1e-9)):
+                sup = None
+        if sup is None:
+            se2 = s_aa[..., None, :] ** 2 + self.pix2_12[:, None]
+            d = self.wave[:, None] - mu[..., None, :]
+            g = np.exp(-0.5 * d * d / se2) / np.sqrt(2 * np.pi * se2)
+            if not derivs:
+                return g
+            return g, g * d / se2, g * (0.5 * d * d / se2 - 0.5) / se2
+        pix, col, flat = sup[:3]
+        key = (kind, mu.tobytes(), s_aa.tobytes())
+        memo = self._band_memo.get(kind)
+        if memo is not None and memo[0] == key:
+            se2, d, gp = memo[1]             # the Jacobian's point is the residual's: no new exp
+        else:
+            se2 = s_aa[..., col] ** 2 + self.pix2_12[pix]
+            d = self.wave[pix] - mu[..., col]
+            gp = np.exp(-0.5 * d * d / se2) / np.sqrt(2 * np.pi * se2)
+            if mu.ndim == 1:
+                self._band_memo[kind] = (key, (se2, d, gp))
+        shape = mu.shape[:-1] + (self.wave.size, mu.shape[-1])
+
+        def dense(vals):
+            out = np.zeros(mu.shape[:-1] + (self.wave.size * mu.shape[-1],))
+            out[..., flat] = vals
+            return out.reshape(shape)
+
         if not derivs:
-            return g
-        return g, g * d / se2, g * (0.5 * d * d / se2 - 0.5) / se2
+            return dense(gp)
+        return dense(gp), dense(gp * d / se2), dense(gp * (0.5 * d * d / se2 - 0.5) / se2)
 
     def _centres(self, theta, derivs=False):
         """Observed centres and Gaussian σ (Å) of the fitted lines; ``derivs``: also dμ/ddv,
@@ -382,7 +447,7 @@ class _Model:
         blk = self._band(mu, s_aa) @ self.amp_map
         if self.n_abs:
             m, sab, _ = self._abs_sigma(theta, mu)
-            blk = np.concatenate([blk, -self._band(m, sab)], axis=-1)
+            blk = np.concatenate([blk, -self._band(m, sab, kind="abs")], axis=-1)
         return blk
 
     def design(self, theta):
@@ -404,7 +469,7 @@ class _Model:
         mix[:nl, :self.n_amp] = self.amp_map
         if na:
             m, sab, dsab_dsa = self._abs_sigma(theta, mu)
-            _, ga_mu, ga_v = self._band(m, sab, derivs=True)
+            _, ga_mu, ga_v = self._band(m, sab, derivs=True, kind="abs")
             dm = dmu_ddv[self.abs_lines]
             out[:, nl + np.arange(na), 2 * self.slots[self.abs_lines]] = ga_mu * dm + ga_v * 2 * sab * (sab / m * dm)
             out[:, nl:, -1] = ga_v * 2 * sab * dsab_dsa
@@ -453,20 +518,27 @@ class _Model:
         d[d == 0] = 1.0
         Ns = N / (d[..., :, None] * d[..., None, :])
         rhs /= d
-        try:
-            beta = np.linalg.solve(Ns, rhs[..., None])[..., 0] / d
-        except np.linalg.LinAlgError:
-            beta = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in
-                             zip(Ns.reshape(-1, n, n), rhs.reshape(-1, n))]).reshape(batch + (n,)) / d
+        cho = None
+        if single:
+            # one point: its Cholesky factor also serves the Jacobian at the same point
+            cho = _cholesky(Ns)
+        if cho is not None:
+            beta = cho_solve(cho, rhs) / d
+        else:
+            try:
+                beta = np.linalg.solve(Ns, rhs[..., None])[..., 0] / d
+            except np.linalg.LinAlgError:
+                beta = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in
+                                 zip(Ns.reshape(-1, n, n), rhs.reshape(-1, n))]).reshape(batch + (n,)) / d
         r = yw - beta[..., :nc] @ self.Wc.T - (Gw @ beta[..., nc:, None])[..., 0]
         if not single:
             return beta, r, None
-        state = (beta, r, Gw, Ns, d)
+        state = (beta, r, Gw, Ns, d, cho)
         J = self._jacobian(theta, *state) if jacobian else None
         self._memo = [key, state, J]
         return beta, r, J
 
-    def _jacobian(self, theta, beta, r, Gw, Ns, d):
+    def _jacobian(self, theta, beta, r, Gw, Ns, d, cho=None):
         """Golub & Pereyra (1973): dr/dθ_k = -P⊥ (∂A_k β) - (A⁺)ᵀ (∂A_k)ᵀ r, all weighted."""
         nc = self.n_cont
         Aw = np.hstack([self.Wc, Gw])
@@ -474,7 +546,8 @@ class _Model:
         Dw = np.einsum("pgk,g->pk", dg, mix @ beta[nc:]) * self.w[:, None]
         v = np.zeros((self.n_lin, theta.size))
         v[nc:] = mix.T @ np.einsum("pgk,p->gk", dg, r * self.w)
-        x = np.linalg.lstsq(Ns, (Aw.T @ Dw - v) / d[:, None], rcond=None)[0] / d[:, None]
+        rhs = (Aw.T @ Dw - v) / d[:, None]
+        x = (cho_solve(cho, rhs) if cho is not None else np.linalg.lstsq(Ns, rhs, rcond=None)[0]) / d[:, None]
         return Aw @ x - Dw
 
     def chi2_grid(self, thetas):
@@ -577,6 +650,19 @@ def _bounded_leastsq(fun, jac, x0, lo, hi, *, xtol, ftol, max_nfev):
     except _Stop:
         return best[1]
     return to_x(u)
+
+
+def _cholesky(m, min_pivot=1e-6):
+    """scipy's Cholesky factor of the unit-diagonal normal matrix ``m``, or None when it
+    is numerically singular (a pivot below ``min_pivot``: condition number above ~1e12),
+    where the callers fall back to LU / SVD."""
+    try:
+        c = cho_factor(m, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(c[0])) or np.min(np.abs(np.diag(c[0]))) < min_pivot:
+        return None
+    return c
 
 
 def _normalised_inverse(m):
