@@ -7,7 +7,7 @@ galaxies (SF, WR, Sy2, S0) and fits the BPT lines (Hβ, [O III] 4959/5007, [O I]
 6548/6584, Hα, [S II] 6717/6731) at the true redshift on one core:
 
 * specred: :func:`specred.analysis.fit_lines` (one vectorised model, variable projection,
-  lmfit on the shift and width);
+  bounded Levenberg-Marquardt on the shift and width);
 * baseline: ``specutils.fitting.fit_lines`` on the same pixels with a compound astropy model
   (constant + 9 Gaussian1D, centres and widths tied to Hα in velocity), started at the true
   redshift.

@@ -179,6 +179,46 @@ def test_missing_units_and_medium_in_a_table_are_errors(tmp_path):
     assert sp.medium_in == "air" and sp.wave[0] > w[0]       # converted to vacuum
 
 
+def test_fast_fits_reader_gives_what_astropy_gives(tmp_path, monkeypatch):
+    """The CFITSIO path for 1D table files returns the same spectrum and header meta as the
+    astropy reader (HIERARCH strings included); other layouts go to the astropy reader."""
+    from astropy.io import fits
+    from specred.analysis import spectrum as S
+    w, f, s, _ = synthetic()
+    cols = [fits.Column("wavelength", "D", unit="Angstrom", array=w),
+            fits.Column("flux", "D", unit="erg s-1 cm-2 Angstrom-1", array=f),
+            fits.Column("uncertainty", "D", unit="erg s-1 cm-2 Angstrom-1", array=s),
+            fits.Column("mask", "L", array=np.arange(w.size) % 97 == 0)]
+    h0 = fits.Header()
+    h0["OBJECT"] = "J010203.04"
+    h0["RA"] = 15.5125
+    h0["HIERARCH SPECRED MASK"] = "True = bad or no data"
+    h0["HIERARCH SPECRED TELLURIC"] = 180
+    h0["LSFPIX"] = 3.2
+    tb = fits.BinTableHDU.from_columns(cols, name="DATA")
+    tb.header["TCTYP1"] = "AWAV"
+    p = tmp_path / "one.fits"
+    fits.HDUList([fits.PrimaryHDU(header=h0), tb]).writeto(p)
+    assert S._fast_table(p) is not None
+    fast = load_spectrum(p)
+    monkeypatch.setattr(S, "_fast_table", lambda path: None)
+    slow = load_spectrum(p)
+    for k in ("wave", "flux", "sigma", "good", "lsf_sigma_kms"):
+        assert np.array_equal(getattr(fast, k), getattr(slow, k), equal_nan=True), k
+    assert fast.meta == slow.meta and fast.meta["SPECRED MASK"] == "True = bad or no data"
+    assert fast.medium_in == "air" and not fast.good[0]
+    monkeypatch.undo()
+    # a scaled column, or a third HDU: not the simple layout, read by astropy
+    tb2 = tb.copy()
+    tb2.header["TSCAL2"] = 1.0
+    tb2.header["TCTYP1"] = "AWAV"
+    fits.HDUList([fits.PrimaryHDU(header=h0), tb2]).writeto(tmp_path / "scaled.fits")
+    fits.HDUList([fits.PrimaryHDU(header=h0), tb, fits.ImageHDU(np.zeros(3))]).writeto(tmp_path / "three.fits")
+    for name in ("scaled.fits", "three.fits"):
+        assert S._fast_table(tmp_path / name) is None
+        assert np.allclose(load_spectrum(tmp_path / name).flux, fast.flux, rtol=1e-6, atol=2e-19)
+
+
 def test_fit_rejects_bad_redshift_and_unknown_lines():
     w, f, s, _ = synthetic()
     sp = spec_of(w, f, s)

@@ -12,11 +12,11 @@ stellar absorption Gaussian (centred on the emission, common width per fit).
 How it is solved (variable projection, Golub & Pereyra 1973): for given shifts and widths
 the model is linear in the continuum coefficients and line fluxes, so those are solved
 exactly by weighted linear least squares; Levenberg-Marquardt (MINPACK, bounded as in
-lmfit) optimises only the few non-linear parameters (shift and width per group), after a coarse grid over the shift so
-that a line cannot lock onto its neighbour (Hα onto [N II]).  The covariance of *all*
-parameters comes from the full Jacobian at the optimum and is scaled by the reduced χ²
-(as lmfit and MINPACK do); ``mc=N`` instead repeats the fit on N noise realisations drawn from the
-errors.  A line whose S/N is below ``detect_snr`` gets a 3σ upper limit from its flux
+lmfit) optimises only the few non-linear parameters (shift and width per group), after a
+coarse grid over the shift so that a line cannot lock onto its neighbour (Hα onto
+[N II]).  The covariance of *all* parameters comes from the full Jacobian at the optimum
+and is scaled by the reduced χ² (as lmfit does); ``mc=N`` instead repeats the fit on N
+noise realisations drawn from the errors.  A line whose S/N is below ``detect_snr`` gets a 3σ upper limit from its flux
 error at fixed kinematics.
 
 Results are frozen dataclasses (:class:`LineFit` per line, :class:`LineFitResult` per fit)

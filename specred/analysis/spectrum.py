@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,9 @@ def load_spectrum(source, *, medium: str | None = None, flux_unit=None, lsf_fwhm
         except Exception as exc:
             raise SpectrumError(f"{path}: cannot read as a table ({exc})") from exc
         return _from_table(tab, medium=medium, flux_unit=flux_unit, lsf_fwhm_aa=lsf_fwhm_aa, name=label)
+    tab = _fast_table(path)
+    if tab is not None:
+        return _from_table(tab, medium=medium, flux_unit=flux_unit, lsf_fwhm_aa=lsf_fwhm_aa, name=label)
     try:
         hdul = fits.open(path, memmap=False)
     except Exception as exc:
@@ -231,6 +235,64 @@ def load_spectrum(source, *, medium: str | None = None, flux_unit=None, lsf_fwhm
             except Exception as exc:
                 raise SpectrumError(f"{path}: cannot read as FITS ({exc})") from exc
             return _from_hdul(hdul, path, medium, flux_unit, lsf_fwhm_aa, label)
+
+
+def _fast_table(path):
+    """The spectrum table of the common layout (a primary header and one binary table of
+    scalar columns: specred products, ``simulate --spectra``) read with fitsio (CFITSIO), ~10x
+    faster than astropy.io.fits, which parses every card and column definition in Python;
+    the same Table (units from TUNITn, primary cards and TCTYPn in ``meta``) as the astropy
+    reader gives.  None for any other layout, or any trouble: the astropy reader then decides
+    (and words the errors)."""
+    try:
+        import fitsio
+    except ImportError:  # pragma: no cover - a dependency; the astropy reader still works
+        return None
+    try:
+        with fitsio.FITS(str(path)) as f:
+            if len(f) != 2 or f[1].get_exttype() != "BINARY_TBL" or f[1].get_extname().upper() == "COADD":
+                return None
+            h1 = _header_dict(f[1])
+            n = int(h1.get("TFIELDS", 0))
+            if n == 0 or any(f"{k}{i}" in h1 for k in ("TDIM", "TSCAL", "TZERO") for i in range(1, n + 1)):
+                return None
+            data = f[1].read()
+            h0 = _header_dict(f[0])
+    except Exception:  # noqa: BLE001 - anything unusual goes to the astropy reader
+        return None
+    if data.dtype.names is None or any(data.dtype[c].shape for c in data.dtype.names):
+        return None
+    tab = Table(data.astype(data.dtype.newbyteorder("=")), copy=False)
+    for i, c in enumerate(data.dtype.names, start=1):
+        unit = str(h1.get(f"TUNIT{i}", "") or "").strip()
+        if unit:
+            tab[c].unit = _unit(unit)
+    tab.meta.update({k: v for k, v in h0.items() if k not in ("COMMENT", "HISTORY", "")})
+    tab.meta.update({k: v for k, v in h1.items() if k.startswith("TCTYP")})
+    return tab
+
+
+def _header_dict(hdu) -> dict:
+    """{keyword: value} of a fitsio HDU's header, as astropy would give it: CFITSIO's values
+    for standard cards; HIERARCH cards parsed by astropy (fitsio reads a HIERARCH string
+    starting with 'T' as a logical)."""
+    out = {}
+    for r in hdu.read_header().records():
+        name = r.get("name")
+        if not name or name in out:
+            continue
+        card = r.get("card_string", "")
+        if card.upper().startswith("HIERARCH"):
+            out[name] = fits.Card.fromstring(card).value
+        else:
+            out[name] = r["value"]
+    return out
+
+
+@lru_cache(maxsize=256)
+def _unit(text: str):
+    """A unit string parsed once (parsing costs ~1 ms; every spectrum of a batch repeats it)."""
+    return u.Unit(text, parse_strict="silent")
 
 
 def _from_hdul(hdul, path, medium, flux_unit, lsf_fwhm_aa, label) -> AnalysisSpectrum:
