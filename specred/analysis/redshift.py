@@ -244,7 +244,13 @@ def _template_score(ls: _LogSpec, components, sigma_kms, residual, z_grid_u):
     # typical = median over the spectrum of the data weight (above FFT round-off)
     v_in = full_v[rows, (size - 1 - n0)[:, None] + np.arange(n)]
     thr = 1e-12 * np.maximum(full_v.max(axis=1), 1e-300)
-    med = np.array([np.median(v[v > t]) if np.any(v > t) else np.nan for v, t in zip(v_in, thr)])
+    above = v_in > thr[:, None]
+    cnt = above.sum(axis=1)
+    srt = np.sort(np.where(above, v_in, np.inf), axis=1)      # the medians of all rows at once
+    i_lo, i_hi = np.maximum((cnt - 1) // 2, 0), np.maximum(cnt // 2, 0)
+    r = np.arange(len(comps))
+    with np.errstate(invalid="ignore"):
+        med = np.where(cnt > 0, 0.5 * (srt[r, i_lo] + srt[r, i_hi]), np.nan)
     ok &= vv > 0.5 * med[:, None]
     nu = np.where(ok, signs[:, None] * c / np.sqrt(np.where(vv > 0, vv, 1.0)), 0.0)
     return np.sum(np.where(ok, np.maximum(nu, 0.0) ** 2 - 0.5, 0.0), axis=0)
