@@ -368,7 +368,7 @@ class _Model:
         if near.mean() > 0.5:
             return None
         pix, col = np.nonzero(near)
-        return pix, col, pix * mu_lo.size + col, (mu_lo, mu_hi, s_hi)
+        return pix, col, pix * mu_lo.size + col, (mu_lo * (1 - 1e-9), mu_hi * (1 + 1e-9), s_hi * (1 + 1e-9))
 
     # ---------------------------------------------------------------- evaluation
     # Every evaluation takes theta of shape (..., n_theta): a leading batch axis evaluates a
@@ -384,9 +384,8 @@ class _Model:
         within the bounds it was built for."""
         sup = self._support.get(kind)
         if sup is not None:
-            mu_lo, mu_hi, s_hi = sup[3]
-            tol = 1e-9 * mu_hi
-            if np.any(mu < mu_lo - tol) or np.any(mu > mu_hi + tol) or np.any(s_aa > s_hi * (1 + 1e-9)):
+            mu_lo, mu_hi, s_hi = sup[3]             # with a 1e-9 relative margin
+            if not ((mu >= mu_lo).all() and (mu <= mu_hi).all() and (s_aa <= s_hi).all()):
                 sup = None
         if sup is None:
             se2 = s_aa[..., None, :] ** 2 + self.pix2_12[:, None]
@@ -523,7 +522,7 @@ class _Model:
             # one point: its Cholesky factor also serves the Jacobian at the same point
             cho = _cholesky(Ns)
         if cho is not None:
-            beta = cho_solve(cho, rhs) / d
+            beta = cho_solve(cho, rhs, check_finite=False) / d
         else:
             try:
                 beta = np.linalg.solve(Ns, rhs[..., None])[..., 0] / d
@@ -547,7 +546,10 @@ class _Model:
         v = np.zeros((self.n_lin, theta.size))
         v[nc:] = mix.T @ np.einsum("pgk,p->gk", dg, r * self.w)
         rhs = (Aw.T @ Dw - v) / d[:, None]
-        x = (cho_solve(cho, rhs) if cho is not None else np.linalg.lstsq(Ns, rhs, rcond=None)[0]) / d[:, None]
+        if cho is not None:
+            x = cho_solve(cho, rhs, check_finite=False) / d[:, None]
+        else:
+            x = np.linalg.lstsq(Ns, rhs, rcond=None)[0] / d[:, None]
         return Aw @ x - Dw
 
     def chi2_grid(self, thetas):

@@ -78,10 +78,15 @@ def label(name: str) -> str:
     return _catalogue()[name][2] if name in _catalogue() else name
 
 
+@lru_cache(maxsize=1)
+def _lower_names() -> dict:
+    return {k.lower(): k for k in _catalogue()}
+
+
 def check_names(names) -> list[str]:
     """Validate line names; accept case-insensitive names."""
     cat = _catalogue()
-    low = {k.lower(): k for k in cat}
+    low = _lower_names()
     out = []
     for n in names:
         key = low.get(str(n).lower())
