@@ -405,21 +405,23 @@ def _combine_redshifts(tab: Table) -> None:
         tab[col] = np.array([str(v) for v in tab[col]], dtype=f"U{max(64, 2 * max(len(str(v)) for v in tab[col]) + 64)}")
     tab["z_spectrum"] = tab["z"].copy()
     tab["z_err_spectrum"] = tab["z_err"].copy()
-    for tid in set(tab["target_id"]):
-        if not tid:
-            continue
-        idx = [i for i in range(len(tab)) if tab["target_id"][i] == tid and np.isfinite(tab["z"][i])
-               and np.isfinite(tab["z_err"][i]) and tab["z_err"][i] > 0]
+    z_all, e_all = np.asarray(tab["z"], float), np.asarray(tab["z_err"], float)
+    usable = np.isfinite(z_all) & np.isfinite(e_all) & (e_all > 0)
+    groups: dict[str, list[int]] = {}
+    for i, tid in enumerate(np.asarray(tab["target_id"], str)):   # one pass: batches are large
+        if tid and usable[i]:
+            groups.setdefault(tid, []).append(i)
+    for tid, idx in groups.items():
         if len(idx) < 2:
             continue
-        zs, es = np.array([tab["z"][i] for i in idx]), np.array([tab["z_err"][i] for i in idx])
+        zs, es = z_all[idx], e_all[idx]
         best = idx[int(np.argmin(es))]
-        keep = [i for i, zz in zip(idx, zs) if abs(zz - tab["z"][best]) < 0.01 * (1 + tab["z"][best])]
+        keep = [i for i, zz in zip(idx, zs) if abs(zz - z_all[best]) < 0.01 * (1 + z_all[best])]
         if len(keep) < 2:
             for i in idx:
                 tab["flags"][i] = ",".join(f for f in (tab["flags"][i], "Z_DISAGREES_BETWEEN_SPECTRA") if f)
             continue
-        zk, ek = np.array([tab["z"][i] for i in keep]), np.array([tab["z_err"][i] for i in keep])
+        zk, ek = z_all[keep], e_all[keep]
         w = 1 / ek ** 2
         zbar = float(np.sum(w * zk) / np.sum(w))
         err = float(np.hypot(1 / np.sqrt(np.sum(w)), np.mean(np.abs(zk - zbar))))
