@@ -16,8 +16,8 @@ lmfit) optimises only the few non-linear parameters (shift and width per group),
 coarse grid over the shift so that a line cannot lock onto its neighbour (Hα onto
 [N II]).  The covariance of *all* parameters comes from the full Jacobian at the optimum
 and is scaled by the reduced χ² (as lmfit does); ``mc=N`` instead repeats the fit on N
-noise realisations drawn from the errors.  A line whose S/N is below ``detect_snr`` gets a 3σ upper limit from its flux
-error at fixed kinematics.
+noise realisations drawn from the errors.  A line whose S/N is below ``detect_snr`` gets a
+3σ upper limit from its flux error at fixed kinematics.
 
 Results are frozen dataclasses (:class:`LineFit` per line, :class:`LineFitResult` per fit)
 with ``to_row()`` / ``to_table()``.  Fluxes are in erg s⁻¹ cm⁻², equivalent widths in
