@@ -238,6 +238,8 @@ def _sf_excitation(oh, p, log_nii_oii, sii, oi, margin=0.08):
     it qualifies, else the largest P in 0.1–``p`` that does (the most excited allowed)."""
     def margin_at(pp):
         r23 = r23_for_oh_upper(oh, pp)
+        if not (np.isfinite(r23) and r23 > 0):
+            return -np.inf            # no upper-branch R23 for this (O/H, P): not allowed
         r2 = r23 * (1 - pp)
         y = np.log10(pp * r23 * 2.98 / 3.98)
         x = np.log10(r2 * 10 ** log_nii_oii / BALMER_HA_HB)
