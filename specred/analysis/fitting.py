@@ -335,6 +335,7 @@ class _Model:
         self.yw = self.y * self.w
         self.WcTWc = self.Wc.T @ self.Wc
         self.WcTy = self.Wc.T @ self.yw
+        self._band_memo = {}          # the last single-point Gaussians, per kind (see _band)
         self._supports()
 
     #: Gaussians are evaluated only within this many σ of their allowed centres (exp(-K²/2)
@@ -354,7 +355,6 @@ class _Model:
         q = np.maximum(hi[k_q], th0[k_q])
         s_hi = mu_hi / C_KMS * np.sqrt(np.maximum(q * np.abs(q) + self.lsf_line ** 2, 1.0))
         self._support = {"lines": self._pairs(mu_lo, mu_hi, s_hi)}
-        self._band_memo = {}
         if self.n_abs:
             a = self.abs_lines
             sa = max(hi[-1], th0[-1])
@@ -612,6 +612,10 @@ def _fit_theta(model: _Model, theta0, y=None, grid=True):
     return full(x)
 
 
+class _Stop(Exception):
+    """Raised inside the optimiser's callback when its evaluation budget is spent."""
+
+
 def _bounded_leastsq(fun, jac, x0, lo, hi, *, xtol, ftol, max_nfev):
     """Levenberg-Marquardt (MINPACK ``lmder`` through :func:`scipy.optimize.leastsq`) within
     finite bounds by the Minuit transform x = lo + (sin u + 1)(hi − lo)/2, as lmfit's
@@ -623,9 +627,6 @@ def _bounded_leastsq(fun, jac, x0, lo, hi, *, xtol, ftol, max_nfev):
     u0 = np.arcsin(np.clip((x0 - lo) / half - 1.0, -1.0, 1.0))
     best = [np.inf, np.array(x0, float)]
     nfev = [0]
-
-    class _Stop(Exception):
-        pass
 
     def to_x(u):
         return lo + (np.sin(u) + 1.0) * half

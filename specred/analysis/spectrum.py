@@ -267,9 +267,14 @@ def _fast_table(path):
         unit = str(h1.get(f"TUNIT{i}", "") or "").strip()
         if unit:
             tab[c].unit = _unit(unit)
-    tab.meta.update({k: v for k, v in h0.items() if k not in ("COMMENT", "HISTORY", "")})
-    tab.meta.update({k: v for k, v in h1.items() if k.startswith("TCTYP")})
+    _header_meta(tab, h0, h1)
     return tab
+
+
+def _header_meta(tab, primary, table_header):
+    """``tab.meta`` from the primary header's cards and the table's TCTYPn (both readers)."""
+    tab.meta.update({k: v for k, v in primary.items() if k not in ("COMMENT", "HISTORY", "")})
+    tab.meta.update({k: v for k, v in table_header.items() if k.startswith("TCTYP")})
 
 
 def _header_dict(hdu) -> dict:
@@ -306,8 +311,7 @@ def _from_hdul(hdul, path, medium, flux_unit, lsf_fwhm_aa, label) -> AnalysisSpe
             for c in tab.colnames:
                 if h.columns[c].unit:
                     tab[c].unit = u.Unit(h.columns[c].unit, parse_strict="silent")
-            tab.meta.update({k: v for k, v in prim.items() if k not in ("COMMENT", "HISTORY", "")})
-            tab.meta.update({k: v for k, v in h.header.items() if k.startswith("TCTYP")})
+            _header_meta(tab, prim, h.header)
             return _from_table(tab, medium=medium, flux_unit=flux_unit, lsf_fwhm_aa=lsf_fwhm_aa, name=label)
     if hdul[0].data is not None and hdul[0].data.ndim >= 1:
         return _from_iraf(hdul[0], medium=medium, flux_unit=flux_unit, lsf_fwhm_aa=lsf_fwhm_aa, name=label)
