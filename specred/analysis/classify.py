@@ -24,7 +24,11 @@
 4. narrow emission lines -> the BPT class (``SF``, ``composite``, ``Seyfert 2``, ``LINER``,
    ``ambiguous``); when the diagrams cannot decide (lines missing or only limits),
    log([N II]/Hα) < -0.4 alone gives ``SF`` (Stasińska et al. 2006), otherwise
-   ``emission-line galaxy``;
+   ``emission-line galaxy`` — unless the emission redshift is of quality 'low' and rests
+   on at most one weak feature (flag ``EMISSION_UNCONFIRMED``: one 3σ bump is what noise
+   gives somewhere in a search over all z); then the absorption template's redshift, when
+   its score reaches the redshift search's ``min_score`` (15), makes a passive galaxy as
+   in 3., and otherwise the class is ``unknown``;
 5. the ``WR`` flag (and ``wr_bump`` column) for galaxies with a Wolf-Rayet bump;
    metallicities for SF and composite galaxies.
 
@@ -68,6 +72,14 @@ BPT_CLASS_NAMES = {"SF": "SF", "composite": "composite", "Seyfert": "Seyfert 2",
 #: the paper's (Solarz et al. 2020, Table 2) class names -> ours, for comparisons
 PAPER_CLASS = {"Broadline QSO": "QSO", "BAL QSO": "BAL", "Fe rich QSO": "QSO", "Seyfert 2": "Seyfert 2",
                "SF": "SF", "S0": "S0", "E": "E", "YSO": "star", "Unknown": "unknown"}
+
+#: an emission redshift of quality 'low' resting on at most this many weak features, with no
+#: BPT class, is unconfirmed (rule 4 of the module docstring)
+UNCONFIRMED_MAX_FEATURES = 1
+#: the absorption template's score (summed Δχ², :func:`~specred.analysis.find_redshift`)
+#: that replaces an unconfirmed emission redshift: its ``min_score``, the level any redshift
+#: must reach
+ABSORPTION_FALLBACK_SCORE = 15.0
 
 #: UV Fe II / Mg II index (this module's windows) of a typical QSO: the median over 67
 #: simulated QSOs (S/N >= 10) whose Fe II blends and Mg II carry the SDSS-composite
@@ -313,21 +325,26 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
         abs_score > 40.0 and not strong_o3 and (not np.isfinite(ew_ha) or ew_ha < passive_ew_ha))
     fl = line_fluxes_from_fit(fit)
     bpt = classify_bpt(fl, n_mc=n_mc, seed=seed)       # also for passive hosts: their weak emission
-    if passive:
+
+    def passive_class(zp, fitp, bptp, score, note="", **kwp):
         # weak LINER-like emission of early types: Hα and [N II] together (comparable in
         # strength there), fitted without the Balmer absorption term that would absorb it
         sn = np.nan
         try:
-            fx = fit_lines(spec, zval, ("NII_6548", "Halpha", "NII_6584"))
+            fx = fit_lines(spec, zp, ("NII_6548", "Halpha", "NII_6584"))
             fsum, esum = fx.sum_flux(("Halpha", "NII_6584"))
             sn = fsum / esum if np.isfinite(esum) and esum > 0 else np.nan
         except SpecredError:
             pass
         if np.isfinite(sn) and sn >= 3.0:
-            return done("S0", f"absorption features (score {abs_score:.0f}) with Hα+[N II] emission "
-                              f"(S/N {sn:.1f}; BPT of that emission: {bpt.bpt_class})", lines=fit, bpt=bpt, **kw)
-        return done("E", "absorption features only" + ("" if not np.isfinite(sn) else
-                                                       f" (Hα+[N II] S/N {sn:.1f} < 3)"), lines=fit, bpt=bpt, **kw)
+            return done("S0", f"{note}absorption features (score {score:.0f}) with Hα+[N II] emission "
+                              f"(S/N {sn:.1f}; BPT of that emission: {bptp.bpt_class})", lines=fitp, bpt=bptp, **kwp)
+        return done("E", f"{note}absorption features only" + ("" if not np.isfinite(sn) else
+                                                                f" (Hα+[N II] S/N {sn:.1f} < 3)"),
+                    lines=fitp, bpt=bptp, **kwp)
+
+    if passive:
+        return passive_class(zval, fit, bpt, abs_score, **kw)
     cls = BPT_CLASS_NAMES.get(bpt.bpt_class)
     if cls is not None:
         why = f"narrow emission lines; BPT {bpt.bpt_class} (p = {bpt.bpt_prob:.2f}): {bpt.reason}"
@@ -335,6 +352,31 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
         cls = "SF"
         why = (f"narrow emission lines; log([N II]/Hα) = {bpt.log_nii_ha:.2f} < -0.4 alone (Stasińska et al. "
                f"2006; BPT {bpt.bpt_class}: {bpt.reason})")
+    elif z is None and zr.quality == "low" and len(zr.lines) < UNCONFIRMED_MAX_FEATURES + 1:
+        # neither a BPT class nor more than one weak feature: the emission identification
+        # is unconfirmed (one 3σ line somewhere is expected from noise in a search over all
+        # z); the absorption template's best redshift, when significant, or 'unknown'
+        note = (f"emission redshift {zval:.4f} unconfirmed ({len(zr.lines)} weak feature(s): "
+                f"{', '.join(zr.lines) or 'none'}); ")
+        flags.append("EMISSION_UNCONFIRMED")
+        alt = max((c[2] for c in zr.candidates if c[0] == "absorption"), default=-np.inf)
+        if alt >= ABSORPTION_FALLBACK_SCORE:
+            try:
+                za = find_redshift(spec, templates=("absorption",))
+            except Exception:  # noqa: BLE001 - the fallback is optional; the reason says what happened
+                za = None
+            fa = None
+            if za is not None and np.isfinite(za.z):
+                try:
+                    fa = fit_lines(spec, za.z, CLASS_LINES, balmer_absorption=True,
+                                   stellar_continuum=stellar_continuum)
+                except SpecredError:
+                    fa = None
+            if fa is not None:
+                return passive_class(za.z, fa, classify_bpt(line_fluxes_from_fit(fa), n_mc=n_mc, seed=seed),
+                                     za.score, note=note, z=float(za.z), z_err=float(za.z_err), redshift=za)
+        return done("unknown", note + f"no significant absorption solution either (best score {alt:.1f} < "
+                                      f"{ABSORPTION_FALLBACK_SCORE:g})", lines=fit, bpt=bpt, **kw)
     else:
         cls = "emission-line galaxy"
         why = f"narrow emission lines; BPT cannot decide ({bpt.bpt_class}: {bpt.reason})"
