@@ -270,6 +270,15 @@ def test_bad_night_or_instrument_is_a_clear_error(tmp_path):
         simulate_night(tmp_path, night="yesterday")
 
 
+def test_log_entry_without_a_target_row_is_skipped_with_a_warning(tmp_path, caplog):
+    # the EFOSC2 log of 2018-12-06 holds J083104.69, which Table 2 of the paper does not list
+    with caplog.at_level("WARNING", logger="specred"):
+        res = simulate_night(tmp_path, night="2018-12-06", instrument="efosc2", seed=1)
+    assert "J083104.69" in caplog.text and "not simulated" in caplog.text
+    ids = {str(i) for i in res.targets[res.targets.colnames[0]]}
+    assert "J083104.69" not in ids and len(ids) >= 5
+
+
 # ---------------------------------------------------------------- sources
 def test_pt05_inversion_round_trips():
     for oh in (8.3, 8.45, 8.6):

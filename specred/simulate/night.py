@@ -539,6 +539,12 @@ def simulate_night(out, night: str = DEFAULT_NIGHT, instrument: str = "both", se
             rows = _night_rows(used, inst)
             log.info("no %s observations on %s; simulating the nearest %s night %s", inst, night, inst, used)
         nights_used[inst] = used
+        # the log holds an exposure of a target that Table 2 does not list (J083104.69 on
+        # 2018-12-06 in Solarz et al. 2020, Table A.1): no position or class to simulate it by
+        known = np.isin(np.asarray(rows["object_id"], str), np.asarray(tg["object_id"], str))
+        for oid in np.asarray(rows["object_id"], str)[~known]:
+            log.warning("%s (%s log, %s) is not in the programme's target table: not simulated", oid, inst, used)
+        rows = rows[known]
         for r in rows:
             oid = str(r["object_id"])
             if oid not in targets:
