@@ -162,5 +162,31 @@ def test_passive_galaxies_at_low_snr_are_never_called_emission_line_galaxies():
             if c.cls != "unknown":                       # the absorption redshift replaced it
                 assert c.redshift.template == "absorption" and abs(c.z - z) < 0.01
     assert "emission-line galaxy" not in classes
+    assert not any("QSO" in c for c in classes)          # no stellar absorption taken for BAL troughs
     assert unconfirmed >= 1                              # the rule was exercised
     assert np.mean([c in ("E", "S0") for c in classes]) >= 0.7
+
+
+def test_lobal_troughs_are_not_taken_for_stellar_absorption():
+    """Saturated C IV / Al III / Mg II troughs can outscore the trough-eaten emission lines as
+    'Ca II H&K at z ~ 0.03'; the QSO template's broad lines must win back (2 of 40 lost
+    before the rule, 1 is left: its QSO solution holds one broad line only)."""
+    from specred.analysis import make_spectrum
+    from specred.simulate.sources import build_source
+    from specred.simulate.spectra1d import _Sampler
+    smp = _Sampler("EFOSC2")
+    n_qso = n_rule = 0
+    for seed in range(40):
+        rng = np.random.default_rng(7000 + seed)
+        z = rng.uniform(1.45, 1.85)
+        src = build_source(f"b{seed}", "LoBAL", z, rng, f6100=1e-16)
+        flux, sigma, _ = smp.noisy(src, rng.uniform(6, 30), rng)
+        spec = make_spectrum(smp.wave, flux, sigma, medium=smp.inst.medium,
+                             lsf_fwhm_aa=smp.inst.lsf_fwhm_px * np.abs(np.gradient(smp.wave)), name=f"b{seed}")
+        c = classify_spectrum(spec, n_mc=20)
+        n_qso += "QSO" in c.cls
+        if "BROAD_TROUGHS_NOT_STELLAR" in c.flags:
+            n_rule += 1
+            assert c.cls in ("LoBAL QSO", "BAL QSO") and abs(c.z - z) < 0.02 * (1 + z), (c.cls, c.z, z)
+    assert n_rule >= 1
+    assert n_qso >= 38

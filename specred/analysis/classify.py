@@ -10,8 +10,11 @@
    feature confirms it) in a spectrum of median S/N per pixel below ``min_snr`` = 5 ->
    ``unknown`` (the paper's "low signal-to-noise or featureless"); a redshift with
    |cz| < 300 km/s -> ``star`` (a Galactic source, like the paper's YSO);
-2. broad permitted lines (the redshift's QSO template wins) -> ``QSO``; ``LoBAL QSO`` when
-   Mg II or Al III troughs qualify, ``BAL QSO`` when only C IV / Si IV do; ``FE_RICH`` flag
+2. broad permitted lines (the redshift's QSO template wins, or the absorption template
+   won with features as broad as it allows while the QSO template alone finds >= 2 broad
+   lines at quality 'good': BAL troughs mimicking Ca II H&K, flag
+   ``BROAD_TROUGHS_NOT_STELLAR``) -> ``QSO``; ``LoBAL QSO`` when Mg II or Al III troughs
+   qualify, ``BAL QSO`` when only C IV / Si IV do; ``FE_RICH`` flag
    when the optical Fe II 4434–4684 Å to broad Hβ flux ratio R_FeII exceeds 1 (Boroson &
    Green 1992 eigenvector 1; typical QSOs have 0.2–0.6) or, where Hβ is out of the
    spectrum, when the UV Fe II 2200–3090 Å to Mg II ratio exceeds three times that of a
@@ -58,7 +61,7 @@ from . import lines as L
 from .bpt import classify_bpt, line_fluxes_from_fit
 from .fitting import fit_lines
 from .metallicity import oxygen_abundance
-from .redshift import find_redshift
+from .redshift import ABSORPTION_SIGMA_MAX_KMS, QSO_COMPONENTS, find_redshift
 from .spectrum import C_KMS, load_spectrum
 from .wr import measure_wr_bump
 
@@ -264,6 +267,8 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
     except Exception as exc:  # noqa: BLE001
         flags.append(f"REDSHIFT_FAILED:{type(exc).__name__}")
         return done("unknown", f"the redshift search failed ({exc})")
+    if z is None and zr.template == "absorption":
+        zr = _bal_instead_of_absorption(spec, zr, flags)
     if z is not None:
         zval, zerr = float(z), float("nan")
     else:
@@ -395,6 +400,34 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
     except Exception as exc:  # noqa: BLE001
         flags.append(f"WR_FAILED:{type(exc).__name__}")
     return done(cls, why, lines=fit, bpt=bpt, metallicity=met, wr=wr, **kw)
+
+
+def _bal_instead_of_absorption(spec, zr, flags):
+    """The redshift of a BAL QSO whose troughs won as 'stellar absorption', else ``zr``.
+
+    Saturated troughs thousands of km/s wide (C IV, Si IV, Al III, Mg II) fit the absorption
+    template's Ca II H&K or Mg b better than the trough-eaten emission lines fit the QSO
+    template (seen on simulated LoBALs at S/N 8-15).  Stellar features are narrow, so when
+    the absorption fit needs the widest features it allows (σ >= 0.9 ×
+    ABSORPTION_SIGMA_MAX_KMS), the QSO template is searched on its own; a solution of
+    quality 'good' with >= 2 *broad* QSO lines (two broad emission lines at S/N >= 5 at one
+    redshift: no passive galaxy shows that) replaces the absorption redshift."""
+    sig = zr.fit.group_sigma_kms.get("absorption", np.nan) if zr.fit is not None else np.nan
+    if not sig >= 0.9 * ABSORPTION_SIGMA_MAX_KMS:
+        return zr
+    try:
+        zq = find_redshift(spec, templates=("qso",))
+    except Exception:  # noqa: BLE001 - the check is optional; the absorption answer stands
+        return zr
+    broad = {n for feat in zq.lines for n in feat.split("+")} & QSO_BROAD_LINES
+    if zq.quality == "good" and len(broad) >= 2:
+        flags.append("BROAD_TROUGHS_NOT_STELLAR")
+        return zq
+    return zr
+
+
+#: the broad emission lines of the QSO template (the narrow [O III] etc. excluded)
+QSO_BROAD_LINES = frozenset(n for _, comp, _ in QSO_COMPONENTS for n, _ in comp)
 
 
 # ============================================================================ many spectra
