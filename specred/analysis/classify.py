@@ -29,9 +29,10 @@
    log([N II]/Hα) < -0.4 alone gives ``SF`` (Stasińska et al. 2006), otherwise
    ``emission-line galaxy`` — unless the emission redshift is of quality 'low' and rests
    on at most one weak feature (flag ``EMISSION_UNCONFIRMED``: one 3σ bump is what noise
-   gives somewhere in a search over all z); then the absorption template's redshift, when
-   its score reaches the redshift search's ``min_score`` (15), makes a passive galaxy as
-   in 3., and otherwise the class is ``unknown``;
+   gives somewhere in a search over all z); then the absorption template at that redshift
+   (±0.003(1+z)) or, failing that, anywhere, when its score reaches the redshift search's
+   ``min_score`` (15), makes a passive galaxy as in 3., and otherwise the class is
+   ``unknown``;
 5. the ``WR`` flag (and ``wr_bump`` column) for galaxies with a Wolf-Rayet bump;
    metallicities for SF and composite galaxies.
 
@@ -83,6 +84,8 @@ UNCONFIRMED_MAX_FEATURES = 1
 #: that replaces an unconfirmed emission redshift: its ``min_score``, the level any redshift
 #: must reach
 ABSORPTION_FALLBACK_SCORE = 15.0
+#: an absorption redshift within this × (1 + z) of another is the same redshift
+ABSORPTION_MATCH_DZ = 0.003
 
 #: UV Fe II / Mg II index (this module's windows) of a typical QSO: the median over 67
 #: simulated QSOs (S/N >= 10) whose Fe II blends and Mg II carry the SDSS-composite
@@ -322,7 +325,8 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
         return done("unknown", f"redshift {zval:.4f} but the line fit failed ({exc})", **kw)
     ha = fit["Halpha"] if "Halpha" in fit else None
     ew_ha = float(ha.ew_rest) if ha is not None and ha.covered else float("nan")
-    abs_score = max((s for t, zc, s in zr.candidates if t == "absorption" and abs(zc - zval) < 0.003 * (1 + zval)),
+    abs_score = max((s for t, zc, s in zr.candidates
+                     if t == "absorption" and abs(zc - zval) < ABSORPTION_MATCH_DZ * (1 + zval)),
                     default=-np.inf)
     o3 = fit["OIII_5007"] if "OIII_5007" in fit else None
     strong_o3 = bool(o3 is not None and o3.covered and o3.detected and o3.snr > 5)
@@ -360,28 +364,29 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
     elif z is None and zr.quality == "low" and len(zr.lines) < UNCONFIRMED_MAX_FEATURES + 1:
         # neither a BPT class nor more than one weak feature: the emission identification
         # is unconfirmed (one 3σ line somewhere is expected from noise in a search over all
-        # z); the absorption template's best redshift, when significant, or 'unknown'
+        # z).  Absorption features at that same redshift (an early type with weak Hα), else
+        # the absorption template's best redshift anywhere, when significant; else 'unknown'
         note = (f"emission redshift {zval:.4f} unconfirmed ({len(zr.lines)} weak feature(s): "
                 f"{', '.join(zr.lines) or 'none'}); ")
         flags.append("EMISSION_UNCONFIRMED")
-        alt = max((c[2] for c in zr.candidates if c[0] == "absorption"), default=-np.inf)
-        if alt >= ABSORPTION_FALLBACK_SCORE:
+        d = ABSORPTION_MATCH_DZ * (1 + zval)
+        za = _absorption_redshift(spec, z_min=max(0.0, zval - d), z_max=zval + d)
+        if za is not None:
+            note += f"absorption at the same redshift (score {za.score:.0f}); "
+        elif max((c[2] for c in zr.candidates if c[0] == "absorption"), default=-np.inf) >= ABSORPTION_FALLBACK_SCORE:
+            za = _absorption_redshift(spec)
+        fa = None
+        if za is not None:
             try:
-                za = find_redshift(spec, templates=("absorption",))
-            except Exception:  # noqa: BLE001 - the fallback is optional; the reason says what happened
-                za = None
-            fa = None
-            if za is not None and np.isfinite(za.z):
-                try:
-                    fa = fit_lines(spec, za.z, CLASS_LINES, balmer_absorption=True,
-                                   stellar_continuum=stellar_continuum)
-                except SpecredError:
-                    fa = None
-            if fa is not None:
-                return passive_class(za.z, fa, classify_bpt(line_fluxes_from_fit(fa), n_mc=n_mc, seed=seed),
-                                     za.score, note=note, z=float(za.z), z_err=float(za.z_err), redshift=za)
-        return done("unknown", note + f"no significant absorption solution either (best score {alt:.1f} < "
-                                      f"{ABSORPTION_FALLBACK_SCORE:g})", lines=fit, bpt=bpt, **kw)
+                fa = fit_lines(spec, za.z, CLASS_LINES, balmer_absorption=True, stellar_continuum=stellar_continuum)
+            except SpecredError:
+                fa = None
+        if fa is not None:
+            return passive_class(za.z, fa, classify_bpt(line_fluxes_from_fit(fa), n_mc=n_mc, seed=seed),
+                                 za.score, note=note, z=float(za.z), z_err=float(za.z_err), redshift=za)
+        return done("unknown", note + f"no significant absorption solution either (score < "
+                                      f"{ABSORPTION_FALLBACK_SCORE:g} at that redshift and elsewhere)",
+                    lines=fit, bpt=bpt, **kw)
     else:
         cls = "emission-line galaxy"
         why = f"narrow emission lines; BPT cannot decide ({bpt.bpt_class}: {bpt.reason})"
@@ -400,6 +405,16 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
     except Exception as exc:  # noqa: BLE001
         flags.append(f"WR_FAILED:{type(exc).__name__}")
     return done(cls, why, lines=fit, bpt=bpt, metallicity=met, wr=wr, **kw)
+
+
+def _absorption_redshift(spec, **kw):
+    """The absorption template's redshift (find_redshift keywords ``kw``, e.g. a z range)
+    when its score reaches ABSORPTION_FALLBACK_SCORE, else None."""
+    try:
+        za = find_redshift(spec, templates=("absorption",), min_score=ABSORPTION_FALLBACK_SCORE, **kw)
+    except Exception:  # noqa: BLE001 - the fallback is optional; the class reason says what happened
+        return None
+    return za if np.isfinite(za.z) else None
 
 
 def _bal_instead_of_absorption(spec, zr, flags):
