@@ -205,12 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the instrument read from the header")
     s.set_defaults(func=cmd_wavecal)
 
-    s = sub.add_parser("fit", help="fit emission lines of a 1D spectrum and measure its redshift")
-    s.add_argument("spectrum", help="1D spectrum: specred product, SDSS spec-*.fits, IRAF 1D image or ECSV table")
+    s = sub.add_parser("fit", help="fit lines interactively (IRAF splot keys; ? lists them) or, with --batch, "
+                                   "fit the catalogue lines and write a table")
+    s.add_argument("spectrum", nargs="+",
+                   help="1D spectrum: specred product, SDSS spec-*.fits, IRAF 1D image or ECSV table "
+                        "(interactive: several spectra of one target on one wavelength axis)")
     s.add_argument("--batch", action="store_true",
-                   help="no interaction: fit, write the table and exit (the interactive splot-like "
-                        "mode is not part of this release)")
-    s.add_argument("--z", type=float, default=None, help="redshift to fit at (default: measured automatically)")
+                   help="no window: measure the redshift, fit the lines as one tied group, write the table")
+    s.add_argument("--log", default=None, metavar="FITS.ecsv",
+                   help="interactive: the ECSV log the w key appends to (default SPECTRUM stem + _splot.ecsv)")
+    s.add_argument("--catalogue", choices=["galaxy", "QSO", "NIR"], default="galaxy",
+                   help="interactive: the first catalogue set marked (c cycles them)")
+    s.add_argument("--z", type=float, default=None,
+                   help="redshift (batch: to fit at, default measured; interactive: of the line markers, default 0)")
     s.add_argument("--lines", nargs="+", default=None, metavar="LINE",
                    help="catalogue names of the lines to fit as one tied group (default: the BPT lines)")
     s.add_argument("--medium", choices=["air", "vacuum"], default=None,
@@ -253,7 +260,18 @@ def cmd_fit(args) -> int:
     from .io import atomic_write_table
 
     if not args.batch:
-        raise SpecredError("interactive fitting is not available yet; run with --batch to fit and write the table")
+        from .interactive.splot import interactive_backend, splot
+        if not interactive_backend():
+            import matplotlib
+            raise SpecredError(f"matplotlib backend {matplotlib.get_backend()!r} cannot open a window (no display?): "
+                               f"set MPLBACKEND (e.g. TkAgg, QtAgg), use Jupyter with %matplotlib widget, "
+                               f"or run with --batch")
+        specs = [load_spectrum(p, medium=args.medium) for p in args.spectrum]
+        splot(*specs, z=args.z, log_path=args.log, catalogue=args.catalogue, block=True)
+        return 0
+    if len(args.spectrum) > 1:
+        raise SpecredError("--batch fits one spectrum at a time")
+    args.spectrum = args.spectrum[0]
     spec = load_spectrum(args.spectrum, medium=args.medium)
     zres = None
     if args.z is None:

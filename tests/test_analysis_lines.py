@@ -398,7 +398,9 @@ def test_cli_fit_batch_writes_a_table_and_reports_bad_input(tmp_path, capsys):
     assert abs(t.meta["z"] - 0.08) < 0.001
     row = t[t["name"] == "Halpha"][0]
     assert row["flux"] == pytest.approx(truth["Halpha"], rel=0.1)
-    assert main(["fit", str(p)]) == 2                         # interactive mode not available
+    capsys.readouterr()
+    assert main(["fit", str(p)]) == 2                         # interactive, but no window under Agg
+    assert "cannot open a window" in capsys.readouterr().err
     bad = tmp_path / "bad.ecsv"
     Table({"wavelength": w, "flux": f}).write(bad)
     capsys.readouterr()

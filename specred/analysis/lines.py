@@ -74,6 +74,11 @@ def rest_vac(names) -> np.ndarray:
     return np.array([rest_wavelength(n) for n in names])
 
 
+def kind(name: str) -> str:
+    """'emission', 'absorption' or 'both' (the catalogue's kind column)."""
+    return _catalogue()[name][3] if name in _catalogue() else "emission"
+
+
 def label(name: str) -> str:
     return _catalogue()[name][2] if name in _catalogue() else name
 
