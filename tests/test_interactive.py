@@ -250,3 +250,56 @@ def test_two_spectra_of_one_target_on_one_axis(tmp_path):
     assert s.s.spectra[ft.spec].name == "efosc"
     assert abs(ft.fit.lines[0].centre - hb) < 1.0                  # vacuum on the axis and in the fit
     plt.close("all")
+
+
+TK_SCRIPT = r'''
+import sys
+import matplotlib
+matplotlib.use("TkAgg")
+import matplotlib.pyplot as plt
+from specred.analysis import load_spectrum, rest_wavelength
+from specred.interactive.splot import Splot
+s = Splot(load_spectrum(sys.argv[1]), z=float(sys.argv[3]), log_path=sys.argv[2], echo=lambda t: None)
+w = s.fig.canvas.get_tk_widget()
+hb = rest_wavelength("Hbeta") * (1 + s.z)
+keys = [("k", hb - 40), ("k", hb + 40), ("z", hb), ("question", hb), ("x", hb), ("w", hb), ("q", hb)]
+def run(i=0):
+    key, x = keys[i]
+    X, Y = s.ax.transData.transform((x, float(sys.argv[4])))
+    X, Y = int(round(X)), int(round(w.winfo_height() - Y))
+    w.event_generate("<Motion>", x=X, y=Y, warp=True)
+    w.event_generate("<KeyPress-%s>" % key, x=X, y=Y)
+    if i + 1 < len(keys):
+        w.after(150, run, i + 1)
+w.after(800, run)
+plt.show()
+print("CLOSED", s.closed, s.z)
+'''
+
+
+def test_a_real_tkagg_window_under_xvfb(tmp_path):
+    """The TkAgg backend turns real Tk key events into the same fits (skipped without Xvfb/Tk)."""
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("xvfb-run") is None:
+        pytest.skip("xvfb-run not installed (Debian package xvfb)")
+    try:
+        import tkinter  # noqa: F401
+    except ImportError:
+        pytest.skip("tkinter not available")
+    from specred.spectrum_io import write_spectrum
+    spec = galaxy()
+    p = write_spectrum(tmp_path / "g.fits", spec.wave, spec.flux, spec.sigma, medium="vacuum",
+                       header={"LSFFWHM": 6.0})
+    script = tmp_path / "tk.py"
+    script.write_text(TK_SCRIPT)
+    log = tmp_path / "tk_log.ecsv"
+    r = subprocess.run(["xvfb-run", "-a", sys.executable, str(script), str(p), str(log), "0.0495", str(CONT)],
+                       capture_output=True, text=True, timeout=120)
+    assert "CLOSED True" in r.stdout, r.stdout + r.stderr
+    z = float(r.stdout.split("CLOSED True")[1].split()[0])
+    t = Table.read(log)
+    assert len(t) == 1 and t["key"][0] == "k"
+    assert abs(t["flux"][0] - TRUTH["Hbeta"]) < 3 * t["flux_err"][0]
+    assert abs(z - Z) < 5e-4                                        # z identified Hβ

@@ -216,7 +216,10 @@ class Splot:
         for ln in f.lines:
             if np.isfinite(ln.centre):
                 x = float(self.to_display(ln.centre))
-                arts.append(self.ax.annotate(f"{ln.flux:.3g}", (x, ln.continuum), xytext=(0, 12),
+                peak = ln.continuum
+                if np.isfinite(ln.fwhm_aa) and ln.fwhm_aa > 0:        # on top of the Gaussian
+                    peak += ln.flux / (np.sqrt(2 * np.pi) * ln.fwhm_aa / 2.3548)
+                arts.append(self.ax.annotate(f"{ln.flux:.3g}", (x, max(peak, ln.continuum)), xytext=(0, 4),
                                              textcoords="offset points", fontsize=7, color="tab:red", ha="center"))
         return arts
 
@@ -305,8 +308,10 @@ class Splot:
         for ln in f.lines:
             s = (f"  centre {float(self.to_display(ln.centre)):.2f} ± {ln.centre_err:.2f} Å  flux {ln.flux:.4g} ± "
                  f"{ln.flux_err:.2g} (S/N {ln.snr:.1f})  EW({frame}) {ln.ew:.2f} ± {ln.ew_err:.2f} Å")
-            if np.isfinite(ln.fwhm_kms):
+            if np.isfinite(ln.fwhm_kms) and ln.fwhm_kms > 0:
                 s += f"  FWHM {ln.fwhm_kms:.0f} ± {ln.fwhm_kms_err:.0f} km/s"
+            elif np.isfinite(ln.fwhm_aa):
+                s += f"  FWHM {ln.fwhm_aa:.1f} Å: unresolved (not wider than the instrument)"
             out.append(s)
         return out
 
