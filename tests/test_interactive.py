@@ -150,6 +150,24 @@ def test_z_identifies_the_fitted_line_and_moves_the_markers(tmp_path):
     plt.close("all")
 
 
+def test_the_window_shows_errors_mask_and_both_axes(tmp_path):
+    spec = galaxy()
+    bad = np.zeros(spec.wave.size, bool)
+    bad[500:520] = True
+    masked = make_spectrum(spec.wave, spec.flux, spec.sigma, medium="vacuum", lsf_fwhm_aa=6.0, mask=bad, name="m")
+    s = Session(masked, tmp_path, z=Z)
+    ax = s.s.ax
+    assert len(ax.collections) == 2                                  # the ±1σ band and the masked pixels
+    assert np.all(np.isnan(ax.lines[0].get_ydata()[500:520]))         # masked flux not drawn
+    assert s.s._secondary[0].get_xlabel().startswith("rest")
+    ha = obs("Halpha")
+    labels = [t.get_text() for t in ax.texts]
+    assert any("6563" in t for t in labels)
+    xs = [a.get_xdata()[0] for a in s.s._cat_artists if hasattr(a, "get_xdata")]
+    assert min(abs(x - ha) for x in xs) < 0.01                      # Hα marked at the session z
+    plt.close("all")
+
+
 def test_z_without_a_fit_says_so(sess):
     sess.key("z", 6000)
     assert "fit one" in sess.status and sess.s.z == Z
@@ -262,12 +280,17 @@ from specred.interactive.splot import Splot
 s = Splot(load_spectrum(sys.argv[1]), z=float(sys.argv[3]), log_path=sys.argv[2], echo=lambda t: None)
 w = s.fig.canvas.get_tk_widget()
 hb = rest_wavelength("Hbeta") * (1 + s.z)
-keys = [("k", hb - 40), ("k", hb + 40), ("z", hb), ("question", hb), ("x", hb), ("w", hb), ("q", hb)]
+keys = [("k", hb - 40), ("k", hb + 40), ("z", hb), ("question", hb), ("x", hb), ("w", hb), ("o", hb),
+        ("q", hb)]
+def mode():
+    print("TOOLBAR", repr(str(getattr(s.fig.canvas.toolbar, "mode", ""))))
 def run(i=0):
     key, x = keys[i]
     X, Y = s.ax.transData.transform((x, float(sys.argv[4])))
     X, Y = int(round(X)), int(round(w.winfo_height() - Y))
     w.event_generate("<Motion>", x=X, y=Y, warp=True)
+    if key == "q":
+        mode()
     w.event_generate("<KeyPress-%s>" % key, x=X, y=Y)
     if i + 1 < len(keys):
         w.after(150, run, i + 1)
@@ -303,3 +326,33 @@ def test_a_real_tkagg_window_under_xvfb(tmp_path):
     assert len(t) == 1 and t["key"][0] == "k"
     assert abs(t["flux"][0] - TRUTH["Hbeta"]) < 3 * t["flux_err"][0]
     assert abs(z - Z) < 5e-4                                        # z identified Hβ
+    assert "TOOLBAR 'zoom rect'" in r.stdout                         # o reached the toolbar: zoom mode on
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")       # traitlets, inside ipympl's toolbar
+def test_the_jupyter_widget_canvas_ipympl(tmp_path):
+    """ipympl's canvas (what %matplotlib widget uses), fed the messages its browser front end
+    sends: the pointer position, then the key as 'k' + value."""
+    pytest.importorskip("ipympl")
+    plt.switch_backend("module://ipympl.backend_nbagg")
+    try:
+        out = []
+        s = Splot(galaxy(), z=0.0495, log_path=tmp_path / "nb.ecsv", echo=out.append)
+        c = s.fig.canvas
+        assert type(c).__module__.startswith("ipympl")
+        hb = obs("Hbeta")
+
+        def send(key, x):
+            X, Y = s.ax.transData.transform((x, CONT))
+            c.handle_event({"type": "motion_notify", "x": float(X), "y": float(c.get_renderer().height - Y),
+                            "button": 0, "buttons": 0, "modifiers": [], "guiEvent": {}})
+            c.handle_event({"type": "key_press", "key": "k" + key, "guiEvent": {}})
+
+        for k, x in (("k", hb - 40), ("k", hb + 40), ("z", hb), ("w", hb), ("x", hb)):
+            send(k, x)
+        assert len(s.fits) == 1 and abs(s.z - Z) < 5e-4
+        assert "not a splot key" in s._status.get_text()
+        assert len(Table.read(tmp_path / "nb.ecsv")) == 1
+    finally:
+        plt.close("all")
+        plt.switch_backend("Agg")
