@@ -243,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", default=None, metavar="DIR",
                    help="write BPT diagrams, WR zooms, BAL troughs and the rest-frame QSO stack here")
     s.add_argument("--mc", type=int, default=200, metavar="N", help="Monte-Carlo draws for BPT/abundance/BAL errors")
+    g = s.add_argument_group("survey scale (chunks written as Parquet parts; a rerun skips finished chunks)")
+    g.add_argument("--parts", default=None, metavar="DIR",
+                   help="run in chunks with resumable parts in DIR (implied by the options below and by "
+                        "table inputs .h5/.parquet or path lists .txt; default DIR: OUT stem + _parts)")
+    g.add_argument("--chunk-size", type=int, default=1000, metavar="N", help="spectra per chunk (default 1000)")
+    g.add_argument("--engine", choices=["inprocess", "pool", "dask"], default=None,
+                   help="inprocess, a local process pool (default) or Dask distributed")
+    g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT", help="an existing Dask scheduler")
+    g.add_argument("--dask-local", type=int, default=None, metavar="N",
+                   help="start a Dask LocalCluster of N single-threaded worker processes")
     s.set_defaults(func=cmd_classify)
 
     s = sub.add_parser("demo", help="simulate a programme night of both instruments, reduce it, and write its report")
@@ -314,6 +324,11 @@ def cmd_classify(args) -> int:
     from .progress import progress
     from .targets import load_targets
 
+    survey = (args.parts or args.scheduler or args.dask_local or args.engine
+              or any(Path(i).suffix.lower() in (".h5", ".hdf5", ".parquet", ".pq", ".txt", ".lst", ".list")
+                     or any(ch in str(i) for ch in "*?[") for i in args.spectra))
+    if survey:
+        return _classify_survey(args)
     files = []
     for item in args.spectra:
         p = Path(item)
@@ -347,6 +362,49 @@ def cmd_classify(args) -> int:
         files_out = write_plots(tab, [o for o in objs], args.plots)
         log.info("wrote %d plots to %s", len(files_out), args.plots)
     log.info(f"wrote {out}")
+    return 0
+
+
+def _classify_survey(args) -> int:
+    import os
+
+    import numpy as np
+
+    from .io import atomic_write_table
+    from .progress import progress
+    from .survey import classify_survey
+    from .targets import load_targets
+
+    if args.plots:
+        raise SpecredError("--plots needs the measurement objects: run without the survey options for plots")
+    if args.mc < 0:
+        raise SpecredError("--mc must be >= 0")
+    out = Path(args.out)
+    parts = Path(args.parts) if args.parts else out.with_name(out.stem + "_parts")
+    engine = args.engine or ("dask" if (args.scheduler or args.dask_local) else "pool")
+    workers = args.workers or os.cpu_count() or 1
+    targets = load_targets(args.targets) if args.targets else None
+    res = classify_survey(args.spectra, parts, chunk_size=args.chunk_size, engine=engine, workers=workers,
+                          scheduler=args.scheduler, dask_local=args.dask_local, n_mc=args.mc, targets=targets,
+                          progress=progress)
+    tab = res.table
+    if out.suffix.lower() in (".parquet", ".pq"):
+        from .survey import _write_part
+        _write_part([dict(zip(tab.colnames, r)) for r in tab.iterrows()], tab.colnames, out)
+    else:
+        atomic_write_table(tab, out)
+    n_run = sum(st["n"] for st in res.stats)
+    peak = max((st["maxrss_mb"] for st in res.stats), default=float("nan"))
+    if not res.stats:
+        log.info("all %d chunks were already done: merged them", res.n_chunks)
+    else:
+        log.info("classified %d spectra in %d chunks (%d already done) with %s on %d workers: %.1f spectra/s, peak "
+                 "worker memory %.0f MB", n_run, res.n_chunks - res.n_skipped, res.n_skipped, engine, res.workers,
+                 res.spectra_per_second, peak)
+    bad = int(np.sum([("UNREADABLE" in str(f)) or ("INTERNAL_ERROR" in str(f)) for f in tab["flags"]]))
+    if bad:
+        log.warning("%d spectra could not be classified (see the flags column)", bad)
+    log.info(f"wrote {out} ({len(tab)} rows; parts in {parts})")
     return 0
 
 
