@@ -80,7 +80,7 @@ def main():
     eff = rates[2] / (2 * rates[1])
     per_core_h = rates[2] / 2 * 3600
     night_h = 10.0
-    cores = 4e6 / (per_core_h * night_h)
+    cores = int(np.ceil(4e6 / (per_core_h * night_h)))
     lines = ["| quantity | value |", "|---|---|",
              f"| spectra | {a.n} (EFOSC2 mix, S/N 5-50, {a.mc} MC draws) |",
              f"| 1 worker | {rates[1]:.1f} spectra/s |",

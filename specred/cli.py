@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("classify", help="redshifts and classes (QSO/BAL/LoBAL, BPT, passive, WR, R23 abundance) "
                                         "of many 1D spectra")
     s.add_argument("spectra", nargs="+", help="1D spectra (files or folders searched for *.fits)")
-    s.add_argument("--out", required=True, help="ECSV table to write (one row per spectrum)")
+    s.add_argument("--out", required=True, help="table to write, one row per spectrum (.ecsv, or .parquet)")
     s.add_argument("--targets", default=None,
                    help="target list (ECSV/CSV with id, ra, dec) to name spectra by position; without it "
                         "the OBJECT header names them")
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT", help="an existing Dask scheduler")
     g.add_argument("--dask-local", type=int, default=None, metavar="N",
                    help="start a Dask LocalCluster of N single-threaded worker processes")
+    g.add_argument("--no-merge", action="store_true",
+                   help="keep only the parts (merging holds the whole table in memory; for millions of "
+                        "spectra read the parts folder with pyarrow/dask instead)")
     s.set_defaults(func=cmd_classify)
 
     s = sub.add_parser("demo", help="simulate a programme night of both instruments, reduce it, and write its report")
@@ -386,11 +389,13 @@ def _classify_survey(args) -> int:
     targets = load_targets(args.targets) if args.targets else None
     res = classify_survey(args.spectra, parts, chunk_size=args.chunk_size, engine=engine, workers=workers,
                           scheduler=args.scheduler, dask_local=args.dask_local, n_mc=args.mc, targets=targets,
-                          progress=progress)
+                          progress=progress, merge=not args.no_merge)
     tab = res.table
-    if out.suffix.lower() in (".parquet", ".pq"):
-        from .survey import _write_part
-        _write_part([dict(zip(tab.colnames, r)) for r in tab.iterrows()], tab.colnames, out)
+    if tab is None:
+        pass
+    elif out.suffix.lower() in (".parquet", ".pq"):
+        from .survey import write_table_parquet
+        write_table_parquet(tab, out)
     else:
         atomic_write_table(tab, out)
     n_run = sum(st["n"] for st in res.stats)
@@ -401,6 +406,9 @@ def _classify_survey(args) -> int:
         log.info("classified %d spectra in %d chunks (%d already done) with %s on %d workers: %.1f spectra/s, peak "
                  "worker memory %.0f MB", n_run, res.n_chunks - res.n_skipped, res.n_skipped, engine, res.workers,
                  res.spectra_per_second, peak)
+    if tab is None:
+        log.info(f"parts in {parts / 'parts'} (not merged)")
+        return 0
     bad = int(np.sum([("UNREADABLE" in str(f)) or ("INTERNAL_ERROR" in str(f)) for f in tab["flags"]]))
     if bad:
         log.warning("%d spectra could not be classified (see the flags column)", bad)

@@ -291,6 +291,18 @@ def _write_part(rows, columns, part: Path) -> None:
     os.replace(tmp, part)
 
 
+def write_table_parquet(tab: Table, path) -> Path:
+    """An astropy table (the merged classification) as Parquet, written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table({c: np.asarray(tab[c]) for c in tab.colnames}), tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def _read_part(part: Path) -> Table:
     import pyarrow.parquet as pq
 
@@ -433,4 +445,4 @@ def merge_parts(out, chunks=None, *, targets=None) -> Table:
 
 
 __all__ = ["Chunk", "plan_chunks", "run_chunk", "classify_survey", "merge_parts", "write_spectra_table",
-           "SurveyResult"]
+           "write_table_parquet", "SurveyResult"]

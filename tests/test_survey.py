@@ -169,3 +169,20 @@ def test_a_different_run_in_the_same_folder_is_refused(sample, tmp_path):
     pq.write_table(pa.table({"id": ["a"], "flux": [[1.0, 2.0]]}), bad)
     with pytest.raises(SpecredError, match="ivar"):
         plan_chunks([bad])
+
+
+def test_cli_parquet_output_and_parts_only(sample, tmp_path):
+    import pyarrow.parquet as pq
+
+    from specred.cli import main
+    files, ref = sample
+    out = tmp_path / "c.parquet"
+    args = [str(f) for f in files[:12]]
+    assert main(["classify", *args, "--engine", "inprocess", "--chunk-size", "5", "--mc", str(MC), "--parts",
+                 str(tmp_path / "r1"), "--out", str(out)]) == 0
+    t = pq.read_table(out)
+    assert t.num_rows == 12 and list(t.column("class").to_pylist()) == list(ref["class"][:12])
+    out2 = tmp_path / "d.parquet"
+    assert main(["classify", *args, "--engine", "inprocess", "--chunk-size", "5", "--mc", str(MC), "--parts",
+                 str(tmp_path / "r2"), "--out", str(out2), "--no-merge"]) == 0
+    assert not out2.exists() and len(list((tmp_path / "r2" / "parts").glob("part-*.parquet"))) == 3
