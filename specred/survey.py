@@ -253,7 +253,7 @@ def _table_spectra(chunk: Chunk):
 def run_chunk(chunk: Chunk, part: str, opts: dict) -> dict:
     """Classify the spectra of ``chunk`` and write the Parquet part ``part`` (atomically).
     Returns statistics: chunk, n, seconds, peak resident memory of the process (MB)."""
-    from .analysis.classify import COLUMNS, Classification, _one_blas_thread, classify_spectrum
+    from .analysis.classify import COLUMNS, Classification, _one, _one_blas_thread
 
     if os.environ.get("SPECRED_BLAS_LIMITED") != "1":   # one BLAS thread per worker (as the pool does)
         _one_blas_thread()
@@ -267,17 +267,26 @@ def run_chunk(chunk: Chunk, part: str, opts: dict) -> dict:
     for spec, name, tid in items:
         if isinstance(spec, Exception):
             c = Classification(name, "unknown", f"spectrum not usable: {spec}", flags=("UNREADABLE",), target_id=tid)
+            rows.append(c.to_row())
         else:
-            try:
-                c = classify_spectrum(spec, target_id=tid, **opts)
-            except Exception as exc:  # noqa: BLE001 - a bug must not stop a survey; it is reported
-                log.exception("%s", name)
-                c = Classification(str(name), "unknown", f"internal error: {type(exc).__name__}: {exc}",
-                                   flags=("INTERNAL_ERROR",), target_id=tid)
-        rows.append(c.to_row())
+            rows.append(_one((spec, tid, opts))[0])     # classify_spectrum; a bug becomes a flagged row
     _write_part(rows, COLUMNS, Path(part))
     return {"chunk": chunk.index, "n": len(rows), "seconds": time.perf_counter() - t0,
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "pid": os.getpid()}
+            "maxrss_mb": _peak_rss_mb(), "pid": os.getpid()}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB): VmHWM of /proc/self/status on Linux (the
+    peak of this address space; getrusage's ru_maxrss survives exec and would report the
+    parent that spawned a Dask worker), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _write_part(rows, columns, part: Path) -> None:

@@ -361,7 +361,7 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
         cls = "SF"
         why = (f"narrow emission lines; log([N II]/Hα) = {bpt.log_nii_ha:.2f} < -0.4 alone (Stasińska et al. "
                f"2006; BPT {bpt.bpt_class}: {bpt.reason})")
-    elif z is None and zr.quality == "low" and len(zr.lines) < UNCONFIRMED_MAX_FEATURES + 1:
+    elif z is None and zr.quality == "low" and len(zr.lines) <= UNCONFIRMED_MAX_FEATURES:
         # neither a BPT class nor more than one weak feature: the emission identification
         # is unconfirmed (one 3σ line somewhere is expected from noise in a search over all
         # z).  Absorption features at that same redshift (an early type with weak Hα), else
@@ -464,9 +464,11 @@ def _one(args):
         c = classify_spectrum(path, target_id=target_id, **opts)
         return c.to_row(), c
     except Exception as exc:  # noqa: BLE001 - a bug must not stop a survey; it is reported
-        log.error("%s: %s", path, traceback.format_exc())
-        c = Classification(str(path), "unknown", f"internal error: {type(exc).__name__}: {exc}",
-                           flags=("INTERNAL_ERROR",), target_id=target_id)
+        name = getattr(path, "name", "") or str(path)         # a path or an AnalysisSpectrum
+        log.error("%s: %s", name, traceback.format_exc())
+        c = Classification(name, "unknown",
+                           f"internal error: {type(exc).__name__}: {exc}", flags=("INTERNAL_ERROR",),
+                           target_id=target_id)
         return c.to_row(), c
 
 
