@@ -253,11 +253,13 @@ def _table_spectra(chunk: Chunk):
 def run_chunk(chunk: Chunk, part: str, opts: dict) -> dict:
     """Classify the spectra of ``chunk`` and write the Parquet part ``part`` (atomically).
     Returns statistics: chunk, n, seconds, peak resident memory of the process (MB)."""
-    from .analysis.classify import COLUMNS, Classification, _one, _one_blas_thread
+    import multiprocessing
 
-    if os.environ.get("SPECRED_BLAS_LIMITED") != "1":   # one BLAS thread per worker (as the pool does)
-        _one_blas_thread()
-        os.environ["SPECRED_BLAS_LIMITED"] = "1"
+    from .analysis import classify as C
+    from .analysis.classify import COLUMNS, Classification, _one
+
+    if multiprocessing.parent_process() is not None and C._BLAS_LIMIT is None:
+        C._one_blas_thread()        # a worker process: one BLAS thread (never the caller's own process)
     t0 = time.perf_counter()
     rows = []
     if chunk.kind == "files":
