@@ -327,8 +327,9 @@ def cmd_classify(args) -> int:
     from .progress import progress
     from .targets import load_targets
 
+    from .survey import HDF5_SUFFIXES, LIST_SUFFIXES, PARQUET_SUFFIXES
     survey = (args.parts or args.scheduler or args.dask_local or args.engine
-              or any(Path(i).suffix.lower() in (".h5", ".hdf5", ".parquet", ".pq", ".txt", ".lst", ".list")
+              or any(Path(i).suffix.lower() in HDF5_SUFFIXES + PARQUET_SUFFIXES + LIST_SUFFIXES
                      or any(ch in str(i) for ch in "*?[") for i in args.spectra))
     if survey:
         return _classify_survey(args)
@@ -375,7 +376,7 @@ def _classify_survey(args) -> int:
 
     from .io import atomic_write_table
     from .progress import progress
-    from .survey import classify_survey
+    from .survey import PARQUET_SUFFIXES, classify_survey
     from .targets import load_targets
 
     if args.plots:
@@ -391,13 +392,12 @@ def _classify_survey(args) -> int:
                           scheduler=args.scheduler, dask_local=args.dask_local, n_mc=args.mc, targets=targets,
                           progress=progress, merge=not args.no_merge)
     tab = res.table
-    if tab is None:
-        pass
-    elif out.suffix.lower() in (".parquet", ".pq"):
+    if tab is not None:
         from .survey import write_table_parquet
-        write_table_parquet(tab, out)
-    else:
-        atomic_write_table(tab, out)
+        if out.suffix.lower() in PARQUET_SUFFIXES:
+            write_table_parquet(tab, out)
+        else:
+            atomic_write_table(tab, out)
     n_run = sum(st["n"] for st in res.stats)
     peak = max((st["maxrss_mb"] for st in res.stats), default=float("nan"))
     if not res.stats:

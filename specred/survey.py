@@ -43,6 +43,7 @@ import numpy as np
 from astropy.table import Table
 
 from .errors import SpecredError
+from .io import atomic_path, atomic_write_text
 
 log = logging.getLogger("specred")
 
@@ -164,8 +165,16 @@ def write_spectra_table(path, wave, flux, ivar, ids, *, medium: str, flux_unit: 
     if lsf.ndim and lsf.size != wave.size:
         raise SpecredError("write_spectra_table: lsf_fwhm_aa needs one value or one per pixel")
     attrs = {"medium": medium, "flux_unit": flux_unit, "lsf_fwhm_aa": lsf.tolist(), "instrument": str(instrument)}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() in HDF5_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix not in HDF5_SUFFIXES + PARQUET_SUFFIXES:
+        raise SpecredError(f"{path}: a table of spectra is .h5/.hdf5 or .parquet")
+    with atomic_path(path) as tmp:
+        _write_spectra(tmp, suffix, wave, flux, ivar, ids, ra, dec, lsf, attrs, row_group)
+    return path
+
+
+def _write_spectra(tmp, suffix, wave, flux, ivar, ids, ra, dec, lsf, attrs, row_group):
+    if suffix in HDF5_SUFFIXES:
         import h5py
         with h5py.File(tmp, "w") as h:
             h["wave"] = wave
@@ -177,7 +186,7 @@ def write_spectra_table(path, wave, flux, ivar, ids, *, medium: str, flux_unit: 
                 h["dec"] = np.asarray(dec, float)
             h["lsf_fwhm_aa"] = lsf
             h.attrs.update({k: v for k, v in attrs.items() if k != "lsf_fwhm_aa"})
-    elif path.suffix.lower() in PARQUET_SUFFIXES:
+    else:
         import pyarrow as pa
         import pyarrow.parquet as pq
         cols = {"id": pa.array(ids), "flux": pa.array(list(flux)), "ivar": pa.array(list(ivar))}
@@ -188,10 +197,6 @@ def write_spectra_table(path, wave, flux, ivar, ids, *, medium: str, flux_unit: 
         meta["specred.wave"] = json.dumps(wave.tolist())
         tab = pa.table(cols).replace_schema_metadata(meta)
         pq.write_table(tab, tmp, row_group_size=row_group)
-    else:
-        raise SpecredError(f"{path}: a table of spectra is .h5/.hdf5 or .parquet")
-    os.replace(tmp, path)
-    return path
 
 
 def _table_spectra(chunk: Chunk):
@@ -291,27 +296,24 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _write_part(rows, columns, part: Path) -> None:
-    """The rows of one chunk as a Parquet file, written under a temporary name and renamed."""
+def _write_parquet(columns: dict, path) -> Path:
+    """Columns (name -> sequence) as a Parquet file, written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = {c: pa.array([r[c] for r in rows]) if rows else pa.array([], pa.string()) for c in columns}
-    tmp = part.with_name(part.name + f".{os.getpid()}.tmp")
-    pq.write_table(pa.table(cols), tmp)
-    os.replace(tmp, part)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table({c: pa.array(v) for c, v in columns.items()}), tmp)
+    return Path(path)
+
+
+def _write_part(rows, columns, part: Path) -> None:
+    """The rows of one chunk as a Parquet part."""
+    _write_parquet({c: [r[c] for r in rows] if rows else np.array([], str) for c in columns}, part)
 
 
 def write_table_parquet(tab: Table, path) -> Path:
     """An astropy table (the merged classification) as Parquet, written atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table({c: np.asarray(tab[c]) for c in tab.colnames}), tmp)
-    os.replace(tmp, path)
-    return path
+    return _write_parquet({c: np.asarray(tab[c]) for c in tab.colnames}, path)
 
 
 def _read_part(part: Path) -> Table:
@@ -354,9 +356,7 @@ def _manifest(out: Path, chunks, opts) -> None:
                                f"use a new output folder or remove {out / 'parts'} and {path}")
         return
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("manifest.json.tmp")
-    tmp.write_text(json.dumps(man, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(man, indent=1), path)
 
 
 def classify_survey(inputs, out, *, chunk_size: int = 1000, engine: str = "pool", workers: int = 2,

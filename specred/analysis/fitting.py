@@ -34,7 +34,7 @@ from astropy.table import QTable, Table
 
 from ..errors import SpectrumError
 from . import lines as L
-from .spectrum import C_KMS, FWHM_PER_SIGMA, AnalysisSpectrum
+from .spectrum import C_KMS, FWHM_PER_SIGMA, AnalysisSpectrum, pixel_widths
 from .stellar import StellarContinuum, fit_stellar_continuum
 
 SQRT2 = np.sqrt(2.0)
@@ -244,13 +244,8 @@ class _Model:
             sel |= (spec.wave >= lo[i]) & (spec.wave <= hi[i])
         sel &= good
         idx = np.where(sel)[0]
-        # edges of every pixel (midpoints), from the full grid
         w = spec.wave
-        edges = np.empty(w.size + 1)
-        edges[1:-1] = 0.5 * (w[1:] + w[:-1])
-        edges[0] = w[0] - (edges[1] - w[0])
-        edges[-1] = w[-1] + (w[-1] - edges[-2])
-        self.pix2_12 = (edges[idx + 1] - edges[idx]) ** 2 / 12.0     # variance of the pixel box
+        self.pix2_12 = pixel_widths(w)[idx] ** 2 / 12.0     # variance of the pixel box (full-grid edges)
         self.wave = w[idx]
         self.y = spec.flux[idx]
         self.w = 1.0 / spec.sigma[idx]

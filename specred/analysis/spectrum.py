@@ -83,6 +83,17 @@ class AnalysisSpectrum:
 
 
 # ============================================================================ construction
+def pixel_widths(wave) -> np.ndarray:
+    """Width (Å) of every pixel of a wavelength grid: between the midpoints to its
+    neighbours, the end pixels mirrored."""
+    w = np.asarray(wave, float)
+    edges = np.empty(w.size + 1)
+    edges[1:-1] = 0.5 * (w[1:] + w[:-1])
+    edges[0] = w[0] - (edges[1] - w[0])
+    edges[-1] = w[-1] + (w[-1] - edges[-2])
+    return np.diff(edges)
+
+
 def _flux_factor(unit) -> float:
     """Factor converting ``unit`` to erg/s/cm²/Å (raises SpectrumError if impossible)."""
     if unit is None or (isinstance(unit, str) and not unit.strip()):

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from ..errors import SpectrumError
-from .spectrum import C_KMS, FWHM_PER_SIGMA, AnalysisSpectrum
+from .spectrum import C_KMS, FWHM_PER_SIGMA, AnalysisSpectrum, pixel_widths
 
 SQRT2PI = np.sqrt(2.0 * np.pi)
 
@@ -87,16 +87,12 @@ def _pixels(spec: AnalysisSpectrum, w1: float, w2: float, need: int):
         raise SpectrumError("window limits must be finite wavelengths")
     w1, w2 = sorted((float(w1), float(w2)))
     w = spec.wave
-    edges = np.empty(w.size + 1)
-    edges[1:-1] = 0.5 * (w[1:] + w[:-1])
-    edges[0] = w[0] - (edges[1] - w[0])
-    edges[-1] = w[-1] + (w[-1] - edges[-2])
     sel = (w >= w1) & (w <= w2) & spec.good
     idx = np.nonzero(sel)[0]
     if idx.size < need:
         raise SpectrumError(f"{spec.name or 'spectrum'}: only {idx.size} usable pixels between {w1:.1f} and "
                             f"{w2:.1f} Å (need {need})")
-    return w1, w2, idx, (edges[idx + 1] - edges[idx])
+    return w1, w2, idx, pixel_widths(w)[idx]
 
 
 def fit_window(spec: AnalysisSpectrum, w1: float, w2: float, centres=None, *, z: float | None = None,
