@@ -19,10 +19,11 @@ from .bpt import BPTResult, LineFlux, classify_bpt, line_fluxes_from_fit
 from .classify import Classification, classify_spectra, classify_spectrum
 from .metallicity import Metallicity, oxygen_abundance
 from .wr import WRResult, measure_wr_bump
+from .dusty import DustyFit, fit_dusty_continuum
 
 __all__ = ["AnalysisSpectrum", "load_spectrum", "make_spectrum", "LineFit", "LineFitResult", "LineGroup",
            "narrow_group", "broad_group", "fit_lines", "Redshift", "find_redshift", "BPT_LINES",
            "rest_wavelength", "StellarContinuum", "fit_stellar_continuum", "BALResult", "measure_bal",
            "BPTResult", "LineFlux", "classify_bpt", "line_fluxes_from_fit", "Classification",
            "classify_spectra", "classify_spectrum", "Metallicity", "oxygen_abundance", "WRResult",
-           "measure_wr_bump"]
+           "measure_wr_bump", "DustyFit", "fit_dusty_continuum"]

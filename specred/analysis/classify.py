@@ -9,7 +9,11 @@
 1. no redshift (no feature above the noise), or a redshift of quality 'low' (no single
    feature confirms it) in a spectrum of median S/N per pixel below ``min_snr`` = 5 ->
    ``unknown`` (the paper's "low signal-to-noise or featureless"); a redshift with
-   |cz| < 300 km/s -> ``star`` (a Galactic source, like the paper's YSO);
+   |cz| < 300 km/s -> ``star`` (a Galactic source, like the paper's YSO); a near-IR spectrum
+   (S/N >= ``min_snr``) whose redshift no single feature confirms and whose continuum is a
+   dust-reddened photosphere plus hot dust (:mod:`.dusty`: F_λ rising as λ^β, β >= 2,
+   steepest at the blue end) -> ``star`` with flag ``DUSTY_CONTINUUM`` (the paper's YSO
+   J155603.92 has Paschen lines at ~2σ only; it was identified by its Gaia counterpart);
 2. broad permitted lines (the redshift's QSO template wins, or the absorption template
    won with features as broad as it allows while the QSO template alone finds >= 2 broad
    lines at quality 'good': BAL troughs mimicking Ca II H&K, flag
@@ -126,6 +130,7 @@ class Classification:
     metallicity: object = field(default=None, compare=False, repr=False)
     wr: object = field(default=None, compare=False, repr=False)
     bal: object = field(default=None, compare=False, repr=False)
+    dusty: object = field(default=None, compare=False, repr=False)
 
     def to_row(self) -> dict:
         """One flat row with the columns of :data:`COLUMNS` (NaN / '' where not measured)."""
@@ -272,6 +277,13 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
         return done("unknown", f"the redshift search failed ({exc})")
     if z is None and zr.template == "absorption":
         zr = _bal_instead_of_absorption(spec, zr, flags)
+    if z is None and (not np.isfinite(zr.z) or zr.quality == "low") and np.isfinite(snr) and snr >= min_snr:
+        dusty = _dusty_source(spec, flags)
+        if dusty is not None:
+            unconfirmed = (f"the best redshift (z = {zr.z:.4f}, {zr.template}) is confirmed by no single feature"
+                           if np.isfinite(zr.z) else "no redshift")
+            return done("star", f"a Galactic dusty source (YSO/AGB candidate): {dusty.describe()}; "
+                                f"{unconfirmed}", redshift=zr, dusty=dusty)
     if z is not None:
         zval, zerr = float(z), float("nan")
     else:
@@ -415,6 +427,20 @@ def _absorption_redshift(spec, **kw):
     except Exception:  # noqa: BLE001 - the fallback is optional; the class reason says what happened
         return None
     return za if np.isfinite(za.z) else None
+
+
+def _dusty_source(spec, flags):
+    """The :mod:`.dusty` fit when it says 'Galactic dusty source' (flag ``DUSTY_CONTINUUM``), else None."""
+    from .dusty import fit_dusty_continuum
+    try:
+        fit = fit_dusty_continuum(spec)
+    except Exception as exc:  # noqa: BLE001 - a failed side test must not stop the classification
+        flags.append(f"DUSTY_FIT_FAILED:{type(exc).__name__}")
+        return None
+    if fit is None or not fit.accepted:
+        return None
+    flags.append("DUSTY_CONTINUUM")
+    return fit
 
 
 def _bal_instead_of_absorption(spec, zr, flags):
