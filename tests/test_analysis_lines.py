@@ -313,6 +313,37 @@ def test_candidate_pruning_changes_neither_winner_nor_margin(tmp_path):
     assert n_left_out > 40          # and it does leave candidates out
 
 
+def test_near_tie_is_re_solved_over_a_wider_shift_range(monkeypatch):
+    """A QSO at z = 2.605 whose candidate sits ~2500 km/s off its lines (where the Lyα forest
+    pushed the FFT peak) scores below its Mg II alias at z = 0.567 (Mg II 2800 = Lyα 1216 of
+    z = 2.605) within ±4 steps; the near-tie re-solve over ±16 steps puts it back at the truth
+    and it wins.  Far from a tie nothing is re-solved."""
+    from specred.analysis import redshift as R
+    from specred.simulate.sources import build_source
+    from specred.simulate.spectra1d import _Sampler
+    smp = _Sampler("EFOSC2")
+    rng = np.random.default_rng(11)
+    z = 2.605
+    src = build_source("q", "QSO", z, rng, f6100=1e-16)
+    model = smp.observe(src)
+    sig = np.full(model.size, np.median(model) / 15.0)
+    sp = make_spectrum(smp.wave, model + rng.standard_normal(model.size) * sig, sig, medium="air",
+                       lsf_fwhm_aa=3.2 * smp.dlam)
+    ls = R._resample_log(sp)
+    off = np.expm1(np.log1p(z) + 9 * ls.dx)              # 9 grid steps redward of the truth
+    g_off, z_off = R._global_score(ls, "qso", off)
+    g_alias, z_alias = R._global_score(ls, "qso", 0.567)
+    g_true, _ = R._global_score(ls, "qso", z)
+    assert g_off < g_true and abs(z_off - z) > 0.003 * (1 + z)     # ±4 steps do not reach back
+    refined = sorted([(g_off, "qso", z_off), (g_alias, "qso", z_alias)], reverse=True)
+    monkeypatch.setattr(R, "NEAR_TIE_FRACTION", 1.0)     # whatever the gap: treat as a near-tie
+    settled = R._settle_near_tie(ls, refined)
+    assert settled[0][1] == "qso" and abs(settled[0][2] - z) < 0.002 * (1 + z)
+    assert settled[0][0] == pytest.approx(g_true, rel=1e-3)
+    monkeypatch.setattr(R, "NEAR_TIE_FRACTION", 0.0)     # never a tie: returned as it was
+    assert R._settle_near_tie(ls, refined) == refined
+
+
 def test_normal_equation_triangles_match_qr():
     from specred.analysis.redshift import _triangles
     rng = np.random.default_rng(2)

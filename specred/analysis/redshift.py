@@ -292,6 +292,10 @@ ABSORPTION_SIGMA_MAX_KMS = 700.0
 PASSIVE_EMISSION = ("OII_3729", "Halpha", "NII_6584")
 PRIOR_SCATTER = 0.5
 #: the 4000 Å break (Bruzual 1983: bands 3750–3950 and 4050–4250 Å) as a step of ±6 %
+#: near-tie of the two best distinct candidates (fraction of the best Δχ²) and the shift
+#: range (grid steps, ~300 km/s each for EFOSC2) they are then re-solved over
+NEAR_TIE_FRACTION = 0.01
+NEAR_TIE_SHIFTS = 16
 BREAK_REST = 4000.0
 BREAK_HALF = 0.06
 
@@ -583,6 +587,7 @@ def find_redshift(spec: AnalysisSpectrum, *, z_min: float = 0.0, z_max: float = 
     refined = _refine(ls, cands)
     if not refined:
         return _none(spec, "NO_CANDIDATE")
+    refined = _settle_near_tie(ls, refined)
     gain, t, zc = refined[0]
     others = [r for r in refined[1:] if _distinct(r[2], zc)]
     margin = gain - (others[0][0] if others else 0.0)
@@ -671,6 +676,32 @@ def _refine(ls, cands):
             done.append((gain, t, zg))
     done.sort(key=lambda r: r[0], reverse=True)
     return done
+
+
+def _settle_near_tie(ls, refined):
+    """Re-solve the best and the best distinct candidate over ±``NEAR_TIE_SHIFTS`` grid steps
+    when their Δχ² differ by less than ``NEAR_TIE_FRACTION`` of the best.
+
+    The FFT peak of a template can sit a few thousand km/s off its lines — the Lyα forest
+    eats the blue wing of Lyα and pulls the broad-line match redward — and ±4 steps do not
+    reach back: a z = 2.6 QSO then loses to Mg II at z = 0.57 (its Lyα) by a hair (0.3 %).
+    Only near-ties are re-solved: a wider search everywhere cost 10 % of the speed; with a 5 %
+    threshold 20 %; with 1 % the speed and the redshift accuracy on 1000 simulated spectra
+    (940 of 962 within 0.01(1+z)) are unchanged."""
+    gain, t, zc = refined[0]
+    others = [r for r in refined[1:] if _distinct(r[2], zc)]
+    if not others or gain - others[0][0] >= NEAR_TIE_FRACTION * gain:
+        return refined
+    out = list(refined)
+    for r in (refined[0], others[0]):
+        prob = _GlobalProblem.build(ls, r[1], r[2], NEAR_TIE_SHIFTS)
+        if prob is None:
+            continue
+        g, zg = prob.best()
+        if g > r[0]:
+            out[out.index(r)] = (g, r[1], zg)
+    out.sort(key=lambda r: r[0], reverse=True)
+    return out
 
 
 def _none(spec, flag, candidates=(), score=np.nan):
