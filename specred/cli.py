@@ -376,7 +376,7 @@ def _classify_survey(args) -> int:
 
     from .io import atomic_write_table
     from .progress import progress
-    from .survey import PARQUET_SUFFIXES, classify_survey
+    from .survey import PARQUET_SUFFIXES, classify_survey, merge_parts, merge_parts_to_parquet
     from .targets import load_targets
 
     if args.plots:
@@ -390,29 +390,31 @@ def _classify_survey(args) -> int:
     targets = load_targets(args.targets) if args.targets else None
     res = classify_survey(args.spectra, parts, chunk_size=args.chunk_size, engine=engine, workers=workers,
                           scheduler=args.scheduler, dask_local=args.dask_local, n_mc=args.mc, targets=targets,
-                          progress=progress, merge=not args.no_merge)
-    tab = res.table
-    if tab is not None:
-        from .survey import write_table_parquet
-        if out.suffix.lower() in PARQUET_SUFFIXES:
-            write_table_parquet(tab, out)
-        else:
-            atomic_write_table(tab, out)
+                          progress=progress, merge=False)
     n_run = sum(st["n"] for st in res.stats)
     peak = max((st["maxrss_mb"] for st in res.stats), default=float("nan"))
     if not res.stats:
-        log.info("all %d chunks were already done: merged them", res.n_chunks)
+        log.info("all %d chunks were already done", res.n_chunks)
     else:
         log.info("classified %d spectra in %d chunks (%d already done) with %s on %d workers: %.1f spectra/s, peak "
                  "worker memory %.0f MB", n_run, res.n_chunks - res.n_skipped, res.n_skipped, engine, res.workers,
                  res.spectra_per_second, peak)
-    if tab is None:
+    if args.no_merge:
         log.info(f"parts in {parts / 'parts'} (not merged)")
         return 0
-    bad = int(np.sum([("UNREADABLE" in str(f)) or ("INTERNAL_ERROR" in str(f)) for f in tab["flags"]]))
+    if out.suffix.lower() in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+        # streamed part by part: memory independent of the number of rows
+        n_rows = merge_parts_to_parquet(parts, out, targets=targets)
+        flags = pq.read_table(out, columns=["flags"]).column("flags").to_pylist()
+    else:
+        tab = merge_parts(parts, targets=targets)
+        atomic_write_table(tab, out)
+        n_rows, flags = len(tab), list(tab["flags"])
+    bad = int(np.sum([("UNREADABLE" in str(f)) or ("INTERNAL_ERROR" in str(f)) for f in flags]))
     if bad:
         log.warning("%d spectra could not be classified (see the flags column)", bad)
-    log.info(f"wrote {out} ({len(tab)} rows; parts in {parts})")
+    log.info(f"wrote {out} ({n_rows} rows; parts in {parts})")
     return 0
 
 

@@ -368,7 +368,8 @@ def classify_survey(inputs, out, *, chunk_size: int = 1000, engine: str = "pool"
     else a LocalCluster of ``dask_local`` or ``workers`` processes).  ``targets``: a
     :class:`~specred.targets.TargetList` applied at the merge.  ``progress``: a wrapper like
     :func:`specred.progress.progress`.  Returns a :class:`SurveyResult` (``table`` None when
-    ``merge`` is False)."""
+    ``merge`` is False; the in-memory merge needs ~8 KB per row — for millions of rows run
+    with ``merge=False`` and stream the parts with :func:`merge_parts_to_parquet`)."""
     if engine not in ("inprocess", "pool", "dask"):
         raise SpecredError(f"engine must be inprocess, pool or dask, not {engine!r}")
     out = Path(out)
@@ -433,12 +434,7 @@ def merge_parts(out, chunks=None, *, targets=None) -> Table:
     from .analysis.classify import COLUMNS, _combine_redshifts, _match_target
 
     out = Path(out)
-    if chunks is None:
-        man = json.loads((out / "manifest.json").read_text())
-        chunks = [Chunk(**(c | {"paths": tuple(c["paths"])})) for c in man["chunks"]]
-    missing = [c.index for c in chunks if not _part(out, c).exists()]
-    if missing:
-        raise SpecredError(f"{out}: {len(missing)} chunk(s) not finished (first: {missing[0]}); run again to finish")
+    chunks = _chunks_of(out, chunks)
     parts = [_read_part(_part(out, c)) for c in chunks]
     tab = vstack(parts, metadata_conflicts="silent") if parts else Table(names=list(COLUMNS))
     tab.meta = {}
@@ -455,5 +451,110 @@ def merge_parts(out, chunks=None, *, targets=None) -> Table:
     return tab
 
 
-__all__ = ["Chunk", "plan_chunks", "run_chunk", "classify_survey", "merge_parts", "write_spectra_table",
-           "write_table_parquet", "SurveyResult"]
+def merge_parts_to_parquet(out, path, chunks=None, *, targets=None) -> int:
+    """:func:`merge_parts` streamed into one Parquet file: the same rows and values, with
+    memory that does not grow with the full table (millions of rows).
+
+    Pass 1 reads four small columns of every part (target id, RA/Dec for ``targets``, z,
+    z_err) and works out the combined redshifts (:func:`~specred.analysis.classify.
+    redshift_groups`) and the merged line lists of those targets; pass 2 rewrites part by
+    part, one row group each.  Returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .analysis.classify import _add_flag, _match_target, redshift_groups
+
+    out = Path(out)
+    chunks = _chunks_of(out, chunks)
+    files = [_part(out, c) for c in chunks]
+    # ---- pass 1: ids, z, z_err of every row (a few tens of bytes per row)
+    ids, z, ze, sizes = [], [], [], []
+    for f in files:
+        t = pq.read_table(f, columns=["target_id", "ra", "dec", "z", "z_err"])
+        tid = np.asarray(t.column("target_id").to_pylist(), dtype=object).astype(str)
+        if targets is not None:
+            ra, dec = t.column("ra").to_numpy(), t.column("dec").to_numpy()
+            tid = np.array([_match_target(targets, a, d, str(n)) or str(n) for a, d, n in zip(ra, dec, tid)], dtype=str)
+        ids.append(tid)
+        z.append(t.column("z").to_numpy())
+        ze.append(t.column("z_err").to_numpy())
+        sizes.append(t.num_rows)
+    n_rows = int(sum(sizes))
+    ids = np.concatenate(ids) if ids else np.array([], str)
+    combined, disagree = redshift_groups(ids, np.concatenate(z) if z else [], np.concatenate(ze) if ze else [])
+    # per touched row: (z, z_err, group number) or a disagreement; line lists read for these rows only
+    new_z = {}
+    for g, (keep, zbar, err) in enumerate(combined):
+        for i in keep:
+            new_z[int(i)] = (zbar, err, g)
+    bad = {int(i) for idx in disagree for i in idx}
+    lines_of = [set() for _ in combined]
+    if new_z:
+        start = 0
+        for f, n in zip(files, sizes):
+            rows = [i for i in range(start, start + n) if i in new_z]
+            if rows:
+                col = pq.read_table(f, columns=["lines"]).column("lines").to_pylist()
+                for i in rows:
+                    lines_of[new_z[i][2]].update(x for x in str(col[i - start] or "").split(",") if x)
+            start += n
+    merged = [",".join(sorted(s_)) for s_ in lines_of]
+    # ---- pass 2: stream the parts out
+    writer, start = None, 0
+    desc = ("specred classify (survey run): one row per spectrum; class decision logic in "
+            "specred.analysis.classify; z combined over the spectra of one target")
+    with atomic_path(path) as tmp:
+        try:
+            for f, n in zip(files, sizes):
+                if n == 0:
+                    continue
+                t = pq.read_table(f)
+                cols = {c: t.column(c).to_pylist() for c in t.column_names}
+                cols["target_id"] = list(ids[start:start + n])
+                cols["z_spectrum"], cols["z_err_spectrum"] = list(cols["z"]), list(cols["z_err"])
+                for k in range(n):
+                    i = start + k
+                    if i in bad:
+                        cols["flags"][k] = _add_flag(cols["flags"][k] or "", "Z_DISAGREES_BETWEEN_SPECTRA")
+                    elif i in new_z:
+                        zbar, err, g = new_z[i]
+                        cols["z"][k], cols["z_err"][k] = zbar, err
+                        cols["lines"][k] = merged[g]
+                        cols["n_lines"][k] = len(lines_of[g])
+                        cols["flags"][k] = _add_flag(cols["flags"][k] or "", f"Z_COMBINED_{len(combined[g][0])}")
+                table = pa.table({c: pa.array(v, type=(pa.string() if c in _STRING_COLUMNS else
+                                                        t.schema.field(c).type if c in t.column_names
+                                                        else pa.float64()))
+                                  for c, v in cols.items()})
+                if writer is None:
+                    schema = table.schema.with_metadata({"description": desc})
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.cast(writer.schema))
+                start += n
+            if writer is None:                     # no rows at all
+                from .analysis.classify import COLUMNS
+                pq.write_table(pa.table({c: pa.array([], pa.string()) for c in COLUMNS}), tmp)
+        finally:
+            if writer is not None:
+                writer.close()
+    return n_rows
+
+
+def _chunks_of(out: Path, chunks):
+    """The run's chunks (from its manifest unless given); an error when a part is missing."""
+    if chunks is None:
+        man = json.loads((out / "manifest.json").read_text())
+        chunks = [Chunk(**(c | {"paths": tuple(c["paths"])})) for c in man["chunks"]]
+    missing = [c.index for c in chunks if not _part(out, c).exists()]
+    if missing:
+        raise SpecredError(f"{out}: {len(missing)} chunk(s) not finished (first: {missing[0]}); run again to finish")
+    return chunks
+
+
+#: text columns of the classification table (typed as strings in every part, empty or not)
+_STRING_COLUMNS = ("target_id", "file", "instrument", "z_quality", "template", "lines", "class", "class_reason",
+                   "bpt_nii", "bpt_sii", "bpt_oi", "bpt_class", "r23_branch", "flags")
+
+
+__all__ = ["Chunk", "plan_chunks", "run_chunk", "classify_survey", "merge_parts", "merge_parts_to_parquet",
+           "write_spectra_table", "write_table_parquet", "SurveyResult"]

@@ -186,3 +186,40 @@ def test_cli_parquet_output_and_parts_only(sample, tmp_path):
     assert main(["classify", *args, "--engine", "inprocess", "--chunk-size", "5", "--mc", str(MC), "--parts",
                  str(tmp_path / "r2"), "--out", str(out2), "--no-merge"]) == 0
     assert not out2.exists() and len(list((tmp_path / "r2" / "parts").glob("part-*.parquet"))) == 3
+
+
+def test_streamed_parquet_merge_equals_the_in_memory_merge(tmp_path):
+    """The programme's spectra (three targets with EFOSC2 and SofI spectra, in different
+    chunks) merged part by part into Parquet: the same rows as merge_parts, including the
+    redshifts combined over both instruments and the names from the target list."""
+    import pyarrow.parquet as pq
+
+    from specred.simulate.programme import programme_targets
+    from specred.simulate.spectra1d import simulate_programme_spectra
+    from specred.survey import merge_parts, merge_parts_to_parquet
+    from specred.targets import TargetList
+
+    res = simulate_programme_spectra(tmp_path / "sim", seed=2)
+    from astropy.table import Table
+    t = programme_targets()
+    targets = TargetList(Table({"id": t["object_id"], "ra": np.asarray(t["ra"], float),
+                                "dec": np.asarray(t["dec"], float)}))
+    files = sorted(res.files)
+    import shutil
+    for f in files[:3]:                    # a second spectrum of three targets, in another chunk
+        files.append(shutil.copy(f, tmp_path / f"{f.stem}_again.fits"))
+    run = tmp_path / "run"
+    classify_survey(files, run, chunk_size=7, engine="inprocess", n_mc=MC, merge=False)
+    ref = merge_parts(run, targets=targets)
+    n = merge_parts_to_parquet(run, tmp_path / "m.parquet", targets=targets)
+    got = pq.read_table(tmp_path / "m.parquet")
+    assert n == len(ref) == got.num_rows and got.column_names == ref.colnames
+    got = Table({c: got.column(c).to_numpy(zero_copy_only=False) for c in got.column_names})
+    assert same_table(ref, got) == []
+    combined = [f for f in ref["flags"] if "Z_COMBINED_2" in str(f)]
+    assert len(combined) >= 4          # at least two of the three repeated targets combined
+    assert set(ref["target_id"]) <= set(t["object_id"])
+    with pytest.raises(SpecredError, match="not finished"):
+        (run / "parts" / "part-000002.parquet").unlink()
+        merge_parts_to_parquet(run, tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()

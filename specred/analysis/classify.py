@@ -515,40 +515,61 @@ def _one_row(args):
     return _one(args)[0], None
 
 
-def _combine_redshifts(tab: Table) -> None:
-    """Spectra of one target (EFOSC2 + SofI): the error-weighted mean redshift of those
-    that agree within 0.01(1+z) goes to every row, the error including their scatter, and
-    the lines are merged; the per-spectrum values stay in ``z_spectrum`` / ``z_err_spectrum``."""
-    for col in ("flags", "lines"):            # room to append without truncation
-        tab[col] = np.array([str(v) for v in tab[col]], dtype=f"U{max(64, 2 * max(len(str(v)) for v in tab[col]) + 64)}")
-    tab["z_spectrum"] = tab["z"].copy()
-    tab["z_err_spectrum"] = tab["z_err"].copy()
-    z_all, e_all = np.asarray(tab["z"], float), np.asarray(tab["z_err"], float)
+def redshift_groups(target_ids, z, z_err):
+    """How the redshifts of one target's spectra (EFOSC2 + SofI) combine, from three columns.
+
+    Returns ``(combined, disagree)``: ``combined`` a list of ``(rows, z, z_err)`` — the
+    spectra of a target that agree within 0.01(1+z) of its most precise one get the
+    error-weighted mean redshift, its error including their scatter (mean absolute
+    deviation, as the paper) — and ``disagree`` a list of row-index arrays of targets whose
+    spectra do not agree.  Rows without a target id or a usable z/z_err take no part."""
+    z_all, e_all = np.asarray(z, float), np.asarray(z_err, float)
     usable = np.isfinite(z_all) & np.isfinite(e_all) & (e_all > 0)
     groups: dict[str, list[int]] = {}
-    for i, tid in enumerate(np.asarray(tab["target_id"], str)):   # one pass: batches are large
+    for i, tid in enumerate(np.asarray(target_ids, str)):   # one pass: batches are large
         if tid and usable[i]:
             groups.setdefault(tid, []).append(i)
-    for tid, idx in groups.items():
+    combined, disagree = [], []
+    for idx in groups.values():
         if len(idx) < 2:
             continue
+        idx = np.asarray(idx)
         zs, es = z_all[idx], e_all[idx]
-        best = idx[int(np.argmin(es))]
-        keep = [i for i, zz in zip(idx, zs) if abs(zz - z_all[best]) < 0.01 * (1 + z_all[best])]
+        zb = zs[int(np.argmin(es))]
+        keep = idx[np.abs(zs - zb) < 0.01 * (1 + zb)]
         if len(keep) < 2:
-            for i in idx:
-                tab["flags"][i] = ",".join(f for f in (tab["flags"][i], "Z_DISAGREES_BETWEEN_SPECTRA") if f)
+            disagree.append(idx)
             continue
         zk, ek = z_all[keep], e_all[keep]
         w = 1 / ek ** 2
         zbar = float(np.sum(w * zk) / np.sum(w))
-        err = float(np.hypot(1 / np.sqrt(np.sum(w)), np.mean(np.abs(zk - zbar))))
+        combined.append((keep, zbar, float(np.hypot(1 / np.sqrt(np.sum(w)), np.mean(np.abs(zk - zbar))))))
+    return combined, disagree
+
+
+def _add_flag(flags: str, flag: str) -> str:
+    return ",".join(f for f in (flags, flag) if f)
+
+
+def _combine_redshifts(tab: Table) -> None:
+    """Spectra of one target (EFOSC2 + SofI): the combined redshift of :func:`redshift_groups`
+    goes to every row that agrees, the lines are merged; the per-spectrum values stay in
+    ``z_spectrum`` / ``z_err_spectrum``."""
+    for col in ("flags", "lines"):            # room to append without truncation
+        tab[col] = np.array([str(v) for v in tab[col]], dtype=f"U{max(64, 2 * max(len(str(v)) for v in tab[col]) + 64)}")
+    tab["z_spectrum"] = tab["z"].copy()
+    tab["z_err_spectrum"] = tab["z_err"].copy()
+    combined, disagree = redshift_groups(tab["target_id"], tab["z"], tab["z_err"])
+    for idx in disagree:
+        for i in idx:
+            tab["flags"][i] = _add_flag(tab["flags"][i], "Z_DISAGREES_BETWEEN_SPECTRA")
+    for keep, zbar, err in combined:
         merged = sorted({x for i in keep for x in str(tab["lines"][i]).split(",") if x})
         for i in keep:
             tab["z"][i], tab["z_err"][i] = zbar, err
             tab["lines"][i] = ",".join(merged)
             tab["n_lines"][i] = len(merged)
-            tab["flags"][i] = ",".join(f for f in (tab["flags"][i], f"Z_COMBINED_{len(keep)}") if f)
+            tab["flags"][i] = _add_flag(tab["flags"][i], f"Z_COMBINED_{len(keep)}")
 
 
 def classify_spectra(paths, *, targets=None, workers: int = 1, n_mc: int = 200, seed: int = 0,
