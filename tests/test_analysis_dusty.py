@@ -101,3 +101,41 @@ def test_optical_spectra_and_too_few_pixels_are_not_tested():
     w = np.linspace(10000.0, 10100.0, 30)
     spec = make_spectrum(w, np.full_like(w, 1e-16), np.full_like(w, 1e-18), medium="vacuum")
     assert fit_dusty_continuum(spec) is None
+
+
+def test_real_stellar_spectra_unreddened_no_and_reddened_with_dust_yes(sofi):
+    """Real spectra (ntt-reference: Vega, the Sun, the seven spectrophotometric standards)
+    resampled to SofI at S/N 20: none is a dusty source.  The real solar spectrum — H⁻ peak,
+    absorption lines and all — behind E(B−V) = 3 with a 1000 K dust excess is one: black
+    bodies are enough for a real photosphere at this S/N (χ²_r equal to the spline's)."""
+    from astropy.table import Table
+
+    from conftest import NTT_REF, need_shared
+    from specred.analysis import dusty as D
+    from specred.dust import redden
+    need_shared(NTT_REF)
+    rng = np.random.default_rng(0)
+    w = sofi.wave
+
+    def fit(wl, fl):
+        f = np.interp(w, wl, fl)
+        f = 1e-16 * f / np.median(f)
+        return fit_dusty_continuum(make_spectrum(w, f + 5e-18 * rng.standard_normal(w.size),
+                                                 np.full(w.size, 5e-18), medium="vacuum"))
+
+    tables = [NTT_REF / "vega_sun" / "vega.ecsv", NTT_REF / "vega_sun" / "sun.ecsv",
+              *sorted((NTT_REF / "standards").glob("*_xs.ecsv"))]
+    assert len(tables) == 9
+    for p in tables:
+        t = Table.read(p)
+        r = fit(np.asarray(t.columns[0], float), np.asarray(t.columns[1], float))
+        assert not r.accepted and r.slope < 0, p.name
+    t = Table.read(NTT_REF / "vega_sun" / "sun.ecsv")
+    wl, fl = np.asarray(t["wavelength_angstrom"], float), np.asarray(t["flux"], float)
+    star = fl * redden(wl, 3.0)
+    star = star / np.interp(12000.0, wl, star)
+    dust = D._planck(wl, 1000.0) / np.interp(12000.0, wl, D._planck(wl, 1000.0))
+    r = fit(wl, star + 0.5 * dust)
+    assert r.accepted, r.reason
+    assert r.chi2_r < 1.1 * r.chi2_r_smooth
+    assert not fit(wl, star).accepted        # reddened but no dust excess: slope < 2 here
