@@ -282,8 +282,9 @@ def classify_spectrum(path_or_spec, *, target_id: str = "", z: float | None = No
         if dusty is not None:
             unconfirmed = (f"the best redshift (z = {zr.z:.4f}, {zr.template}) is confirmed by no single feature"
                            if np.isfinite(zr.z) else "no redshift")
+            # no redshift row entries: the unconfirmed extragalactic solution is only quoted
             return done("star", f"a Galactic dusty source (YSO/AGB candidate): {dusty.describe()}; "
-                                f"{unconfirmed}", redshift=zr, dusty=dusty)
+                                f"{unconfirmed}", dusty=dusty)
     if z is not None:
         zval, zerr = float(z), float("nan")
     else:
