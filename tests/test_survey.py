@@ -223,3 +223,14 @@ def test_streamed_parquet_merge_equals_the_in_memory_merge(tmp_path):
         (run / "parts" / "part-000002.parquet").unlink()
         merge_parts_to_parquet(run, tmp_path / "x.parquet")
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_pool_workers_do_not_carry_the_callers_memory(sample, tmp_path):
+    """Pool workers start from a fork server: a caller holding 600 MB (e.g. the merged table
+    of an earlier run) does not show up in the workers' peak memory, as it did with fork."""
+    files, _ = sample
+    big = np.ones(75_000_000)                           # 600 MB, touched
+    res = classify_survey(files[:6], tmp_path / "r", chunk_size=3, engine="pool", workers=1, n_mc=MC)
+    assert big.sum() == 75_000_000
+    peak = max(s["maxrss_mb"] for s in res.stats)
+    assert peak < 550, peak
