@@ -496,32 +496,34 @@ def merge_parts_to_parquet(out, path, chunks=None, *, targets=None) -> int:
         for i in keep:
             new_z[int(i)] = (zbar, err, g)
     bad = {int(i) for idx in disagree for i in idx}
+    touched = np.array(sorted(set(new_z) | bad), dtype=np.int64)
+    bounds = np.cumsum([0, *sizes])
+    lo_hi = np.searchsorted(touched, bounds)              # the touched rows of part k: lo_hi[k]:lo_hi[k+1]
     lines_of = [set() for _ in combined]
-    if new_z:
-        start = 0
-        for f, n in zip(files, sizes):
-            rows = [i for i in range(start, start + n) if i in new_z]
-            if rows:
-                col = pq.read_table(f, columns=["lines"]).column("lines").to_pylist()
-                for i in rows:
-                    lines_of[new_z[i][2]].update(x for x in str(col[i - start] or "").split(",") if x)
-            start += n
+    for k, f in enumerate(files):
+        rows = [int(i) for i in touched[lo_hi[k]:lo_hi[k + 1]] if int(i) in new_z]
+        if rows:
+            col = pq.read_table(f, columns=["lines"]).column("lines").to_pylist()
+            for i in rows:
+                lines_of[new_z[i][2]].update(x for x in str(col[i - bounds[k]] or "").split(",") if x)
     merged = [",".join(sorted(s_)) for s_ in lines_of]
     # ---- pass 2: stream the parts out
-    writer, start = None, 0
+    writer = None
     desc = ("specred classify (survey run): one row per spectrum; class decision logic in "
             "specred.analysis.classify; z combined over the spectra of one target")
     with atomic_path(path) as tmp:
         try:
-            for f, n in zip(files, sizes):
+            for part_no, (f, n) in enumerate(zip(files, sizes)):
                 if n == 0:
                     continue
+                start = int(bounds[part_no])
                 t = pq.read_table(f)
                 cols = {c: t.column(c).to_pylist() for c in t.column_names}
                 cols["target_id"] = list(ids[start:start + n])
                 cols["z_spectrum"], cols["z_err_spectrum"] = list(cols["z"]), list(cols["z_err"])
-                for k in range(n):
-                    i = start + k
+                for i in touched[lo_hi[part_no]:lo_hi[part_no + 1]]:
+                    i = int(i)
+                    k = i - start
                     if i in bad:
                         cols["flags"][k] = _add_flag(cols["flags"][k] or "", "Z_DISAGREES_BETWEEN_SPECTRA")
                     elif i in new_z:
@@ -538,7 +540,6 @@ def merge_parts_to_parquet(out, path, chunks=None, *, targets=None) -> int:
                     schema = table.schema.with_metadata({"description": desc})
                     writer = pq.ParquetWriter(tmp, schema)
                 writer.write_table(table.cast(writer.schema))
-                start += n
             if writer is None:                     # no rows at all
                 from .analysis.classify import COLUMNS
                 pq.write_table(pa.table({c: pa.array([], pa.string()) for c in COLUMNS}), tmp)

@@ -291,11 +291,11 @@ ABSORPTION_SIGMA_MAX_KMS = 700.0
 #: weak emission that passive galaxies (S0, LINER-like) may show beside the absorption
 PASSIVE_EMISSION = ("OII_3729", "Halpha", "NII_6584")
 PRIOR_SCATTER = 0.5
-#: the 4000 Å break (Bruzual 1983: bands 3750–3950 and 4050–4250 Å) as a step of ±6 %
 #: near-tie of the two best distinct candidates (fraction of the best Δχ²) and the shift
 #: range (grid steps, ~300 km/s each for EFOSC2) they are then re-solved over
 NEAR_TIE_FRACTION = 0.01
 NEAR_TIE_SHIFTS = 16
+#: the 4000 Å break (Bruzual 1983: bands 3750–3950 and 4050–4250 Å) as a step of ±6 %
 BREAK_REST = 4000.0
 BREAK_HALF = 0.06
 
